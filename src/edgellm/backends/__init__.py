@@ -1,0 +1,1 @@
+"""Model backends. Each implements the engine's `Runner` and `Tokenizer` protocols."""

@@ -1,0 +1,1 @@
+"""The `edgellm` command line."""

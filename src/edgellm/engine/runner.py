@@ -1,0 +1,63 @@
+"""The Runner seam: what the engine asks of a backend, and the typed hand-offs to and from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edgellm.engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Tokens of one request to decode this step."""
+
+    request_id: str
+    seq_id: int  # KV sequence the tokens go into
+    tokens: list[int]  # [T] ids to feed, T >= 1
+    start_pos: int  # position of tokens[0] in the sequence
+    sample: bool  # True when the last token's logits must produce the next token
+    sampling: SamplingParams  # used to build the request's sampler chain on first sight
+    history: list[int] = field(default_factory=list)  # tokens already generated, for penalties
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's work: clear these sequences, then decode these chunks as one batch."""
+
+    chunks: list[ScheduledChunk]
+    cleared_seqs: list[int]  # sequences whose KV cells must be dropped before decoding
+    finished_requests: list[str]  # requests whose sampler state can be freed
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.chunks)
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    sampled: dict[str, int]  # request_id -> token id, for every chunk with sample=True
+
+
+class Runner(Protocol):
+    """Executes batches on a model. Holds no policy: the scheduler decides what runs."""
+
+    n_ctx: int  # total KV cells in the shared cache
+
+    def execute(self, work: SchedulerOutput) -> RunnerOutput:
+        """Clear `work.cleared_seqs`, decode all chunks in one batch, sample where asked."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Tokenizer(Protocol):
+    """Text <-> tokens for one model; safe to call from any thread."""
+
+    n_vocab: int
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def token_to_piece(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...

@@ -1,0 +1,97 @@
+"""The exceptions edgellm raises on purpose, and the HTTP status each one maps to.
+
+    EdgeLLMError                      500  base; message is safe to show
+    ├── ValidationError               400  bad input; names the offending `param`
+    │   └── ContextOverflow           400  prompt + max_tokens cannot fit the KV cache
+    ├── AuthError                     401
+    ├── Forbidden                     403
+    ├── ModelNotFound                 404
+    ├── PayloadTooLarge               413
+    ├── RateLimited                   429
+    ├── QueueFull                     503  carries Retry-After seconds
+    ├── NotReady                      503  model still loading
+    ├── ModelFileError                -    a model file that must not reach llama.cpp (CLI)
+    └── EngineError                   500  internal; clients see a generic message
+
+The server turns each into the OpenAI error envelope in one handler
+(`edgellm.server.errors`); the CLI prints the message as one line.
+"""
+
+from __future__ import annotations
+
+
+class EdgeLLMError(Exception):
+    """Base of every error edgellm raises deliberately."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ValidationError(EdgeLLMError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextOverflow(ValidationError):
+    def __init__(self, message: str, *, param: str | None = "max_tokens"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class AuthError(EdgeLLMError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class Forbidden(EdgeLLMError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class ModelNotFound(EdgeLLMError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model '{model}' does not exist", param="model", code="model_not_found"
+        )
+
+
+class PayloadTooLarge(EdgeLLMError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class RateLimited(EdgeLLMError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class QueueFull(EdgeLLMError):
+    status_code = 503
+    error_type = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, code="queue_full")
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(EdgeLLMError):
+    status_code = 503
+    error_type = "server_not_ready"
+
+
+class ModelFileError(EdgeLLMError):
+    """A model file that is missing, unreadable, or not a well-formed GGUF."""
+
+    status_code = 500
+
+
+class EngineError(EdgeLLMError):
+    """Something broke inside the engine; the client sees only a generic message."""

@@ -1,0 +1,69 @@
+"""`create_app`: the FastAPI application, built from settings and served models. No globals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from edgellm import __version__
+from edgellm.engine.engine import describe
+from edgellm.server.errors import install_error_handlers
+from edgellm.server.limits import BodyLimit
+from edgellm.server.models import ModelTable, ServedModel
+from edgellm.server.openai import router as openai_router
+from edgellm.settings import ServerSettings
+
+
+def create_app(settings: ServerSettings, models: list[ServedModel]) -> FastAPI:
+    """Build the app. Engines start with the app's lifespan and stop with it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        for model in models:
+            model.engine.start(loop)
+        try:
+            yield
+        finally:
+            for model in models:
+                await asyncio.to_thread(model.engine.shutdown)
+
+    app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
+    app.state.models = ModelTable(models)
+    install_error_handlers(app)
+    app.include_router(openai_router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Alive: the process answers. Says nothing about the model."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """200 once every model is loaded, with engine stats; 503 while loading or failed."""
+        table: ModelTable = request.app.state.models
+        body: dict[str, Any] = {"models": {}}
+        status = "ready"
+        for model in table:
+            engine = model.engine
+            if engine.load_error is not None:
+                status = "error"
+                body["models"][model.model_id] = {
+                    "status": "error",
+                    "error": str(engine.load_error),
+                }
+            elif not engine.ready:
+                status = "loading" if status == "ready" else status
+                body["models"][model.model_id] = {"status": "loading"}
+            else:
+                body["models"][model.model_id] = {"status": "ready", **describe(engine.stats())}
+        body["status"] = status
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,112 @@
+"""One place that turns errors into the OpenAI error envelope.
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+Internal errors never reach the client as text: they are logged and answered with a generic
+message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgellm.errors import EdgeLLMError, QueueFull
+
+log = logging.getLogger("edgellm.server")
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+}
+
+
+def envelope(
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(exc: EdgeLLMError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    message = (
+        exc.message
+        if exc.status_code < 500 or exc.status_code == 503
+        else ("internal server error")
+    )
+    return envelope(exc.status_code, message, exc.error_type, exc.param, exc.code, headers)
+
+
+def param_from_loc(loc: Sequence[int | str]) -> str | None:
+    """("body", "messages", 0, "role") -> "messages[0].role"; drops pydantic's union tags."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or "-" in part or part in {"str", "int", "float", "bool", "list"}:
+            continue  # a union member's type tag, not a field name
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    if err.get("type") == "missing":
+        return "this field is required"
+    return str(err.get("msg", "invalid value"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_edgellm(_: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, EdgeLLMError):  # pragma: no cover - registered for this type
+            raise exc
+        if exc.status_code >= 500 and exc.status_code != 503:
+            log.error("internal error: %s", exc.message)
+        return error_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        first = errors[0] if errors else {}
+        param = (
+            None if first.get("type") == "json_invalid" else param_from_loc(first.get("loc", ()))
+        )
+        message = _validation_message(first)
+        if param:
+            message = f"{param}: {message}"
+        if first.get("type") == "json_invalid":
+            return envelope(400, message, "invalid_request_error", None, "invalid_json")
+        return envelope(400, message, "invalid_request_error", param, "invalid_value")
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+        detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
+        message = detail if isinstance(detail, str) else "invalid request"
+        if status == 400 and message == "There was an error parsing the body":
+            message = "the request body could not be read (is it UTF-8 JSON?)"
+        return envelope(status, message, _HTTP_TYPES.get(status, "invalid_request_error"))
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return envelope(500, "internal server error", "server_error")
+
+    app.add_exception_handler(EdgeLLMError, on_edgellm)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,121 @@
+"""Settings: one model per layer, the only source of defaults.
+
+Each model reads, highest priority first: explicit values (CLI flags), `EDGELLM_*` environment
+variables, its table in an optional TOML file (`[engine]`, `[server]`), then its defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edgellm.errors import ValidationError
+
+
+def _default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class _TomlTable(PydanticBaseSettingsSource):
+    """Reads one table of the TOML config file named by the settings class."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, table: str):
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        if path is None:
+            return
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ValidationError(f"config file not found: {path}", param="config") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValidationError(f"config file {path} is not valid TOML: {exc}") from exc
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise ValidationError(f"config file {path}: [{table}] must be a table")
+        self._values = section
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class _LayerSettings(BaseSettings):
+    toml_table: ClassVar[str] = ""
+    # Set by `load()` for the duration of construction; a class-level default keeps it simple.
+    _config_path: ClassVar[Path | None] = None
+
+    model_config = SettingsConfigDict(env_prefix="EDGELLM_", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _TomlTable(settings_cls, cls._config_path, cls.toml_table)
+        return (init_settings, env_settings, toml)
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> Any:
+        """Build the settings; `overrides` whose value is None are treated as not given."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config is None and os.environ.get("EDGELLM_CONFIG"):
+            config = Path(os.environ["EDGELLM_CONFIG"])
+        cls._config_path = config
+        try:
+            return cls(**given)
+        finally:
+            cls._config_path = None
+
+
+class EngineSettings(_LayerSettings):
+    """How the model runs: KV cache size, batching, threads, queue."""
+
+    toml_table: ClassVar[str] = "engine"
+
+    ctx: int = Field(
+        4096, ge=64, le=1 << 20, description="Total KV cache cells shared by all sequences."
+    )
+    parallel: int = Field(8, ge=1, le=256, description="Most sequences running at once.")
+    batch: int = Field(
+        256, ge=16, le=8192, description="Most tokens decoded in one step (prefill chunk budget)."
+    )
+    threads: int = Field(
+        default_factory=_default_threads, ge=1, le=512, description="CPU threads for llama.cpp."
+    )
+    max_queue: int = Field(
+        64, ge=0, le=100_000, description="Most requests waiting; beyond it: 503."
+    )
+    flash_attn: bool = Field(False, description="Use llama.cpp's flash attention kernels.")
+
+
+class ServerSettings(_LayerSettings):
+    """How the HTTP server listens and what it accepts."""
+
+    toml_table: ClassVar[str] = "server"
+
+    model: Path | None = Field(None, description="GGUF file to serve; default: the embedded model.")
+    model_id: str | None = Field(
+        None, description="Name clients use for the model; default: from the file name."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted.")
+    max_tokens_default: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens when a request omits it; default: the rest of the context.",
+    )
+    log_level: str = Field("info", description="uvicorn log level.")
