@@ -38,10 +38,13 @@ class ServerProcess:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "EDGELLM_THREADS": os.environ.get("EDGELLM_THREADS", "2")}
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*EDGELLM, "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -9,16 +9,19 @@ from edgellm.errors import ContextOverflow, QueueFull
 from tests.fakes import ScriptedRunner
 
 
-def make_engine(n_ctx: int = 256, running: int = 4, batch: int = 64, queue: int = 8,
-                eos_at: int | None = None) -> tuple[Engine, ScriptedRunner]:
+def make_engine(
+    n_ctx: int = 256, running: int = 4, batch: int = 64, queue: int = 8, eos_at: int | None = None
+) -> tuple[Engine, ScriptedRunner]:
     runner = ScriptedRunner(n_ctx=n_ctx, eos_at=eos_at)
-    config = SchedulerConfig(n_ctx=n_ctx, max_running=running, max_batch_tokens=batch,
-                             max_queue=queue)
+    config = SchedulerConfig(
+        n_ctx=n_ctx, max_running=running, max_batch_tokens=batch, max_queue=queue
+    )
     return Engine(runner, runner, config), runner
 
 
-def req(rid: str, prompt_len: int, max_tokens: int, stop: tuple[str, ...] = (),
-        start: int = 1) -> Request:
+def req(
+    rid: str, prompt_len: int, max_tokens: int, stop: tuple[str, ...] = (), start: int = 1
+) -> Request:
     prompt = [start + i % 20 for i in range(prompt_len)]
     return Request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, stop=stop))
 
@@ -135,13 +138,15 @@ def test_context_full_admission() -> None:
 
 
 def test_preemption_when_cells_run_out_recomputes_and_finishes() -> None:
-    engine, runner = make_engine(n_ctx=48, running=4, batch=64)
+    engine, _ = make_engine(n_ctx=48, running=4, batch=64)
     alone, _ = make_engine(n_ctx=48)
     alone.add_request(req("b", 10, 20, start=5))
     expected = run_all(alone)["b"]
-    engine.add_request(req("a", 10, 20))
-    engine.add_request(req("b", 10, 20, start=5))
+    a, b = req("a", 10, 20), req("b", 10, 20, start=5)
+    engine.add_request(a)
+    engine.add_request(b)
     texts = run_all(engine)  # 2 x 30 cells > 48: one must be preempted and recomputed
+    assert (a.num_preemptions, b.num_preemptions) == (0, 1)
     assert texts["b"] == expected
     assert len(texts["a"]) == 20
     assert engine.scheduler.cells_used == 0

@@ -41,8 +41,9 @@ def run_async(server: ServerProcess, work: Callable[[openai.AsyncOpenAI], Awaita
     """Run `work` with a fresh async client in a fresh event loop."""
 
     async def main() -> T:
-        async with openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused",
-                                      max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=server.base + "/v1", api_key="unused", max_retries=0
+        ) as aclient:
             return await work(aclient)
 
     return asyncio.run(main())
@@ -60,35 +61,60 @@ def test_lists_the_model(client: openai.OpenAI) -> None:
 
 def test_streams_a_chat_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": QUESTIONS[0]}], stream=True,
-        max_tokens=24, temperature=0, stream_options={"include_usage": True},
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": QUESTIONS[0]}],
+        stream=True,
+        max_tokens=24,
+        temperature=0,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text or len(text) > 0
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens <= 24
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish in (["stop"], ["length"])
 
 
 def test_content_parts_are_accepted(client: openai.OpenAI) -> None:
     as_parts = client.chat.completions.create(
-        model=MODEL_ID, max_tokens=8, temperature=0,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a "},
-                                               {"type": "text", "text": "colour."}]}],
+        model=MODEL_ID,
+        max_tokens=8,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Name a "},
+                    {"type": "text", "text": "colour."},
+                ],
+            }
+        ],
     )
     as_text = client.chat.completions.create(
-        model=MODEL_ID, max_tokens=8, temperature=0,
+        model=MODEL_ID,
+        max_tokens=8,
+        temperature=0,
         messages=[{"role": "user", "content": "Name a colour."}],
     )
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
 
 
 def test_usage_matches_the_tokenizer(client: openai.OpenAI, vocab: Llama, model_path) -> None:  # type: ignore[no-untyped-def]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[3]}]
-    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20,
-                                           temperature=0, extra_body={"ignore_eos": True})
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": QUESTIONS[3]},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     info = inspect_gguf(model_path)
     prompt = ChatTemplate.load(info.chat_template).render(messages)
     expected_prompt = len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
@@ -105,33 +131,49 @@ def test_completions_endpoint(client: openai.OpenAI, vocab: Llama) -> None:
     out = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0)
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.usage is not None
-    assert out.usage.prompt_tokens == len(vocab.tokenize(prompt.encode(), add_bos=True, special=True))
-    streamed = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10,
-                                         temperature=0, stream=True)
+    assert out.usage.prompt_tokens == len(
+        vocab.tokenize(prompt.encode(), add_bos=True, special=True)
+    )
+    streamed = client.completions.create(
+        model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
 
 
 def test_stop_string_never_appears_in_stream(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": QUESTIONS[1]}]
-    free = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=60,
-                                          temperature=0).choices[0].message.content or ""
+    free = (
+        client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=60, temperature=0
+        )
+        .choices[0]
+        .message.content
+        or ""
+    )
     assert len(free) > 20
     stop = free[len(free) // 2 : len(free) // 2 + 3]  # a 3-character string from the middle
-    stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=60,
-                                            temperature=0, stop=[stop], stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=60, temperature=0, stop=[stop], stream=True
+    )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     shown = "".join(pieces)
     assert stop not in shown
     assert shown == free[: free.index(stop)]
     for i in range(len(pieces)):  # no prefix of the stream ends in a partial stop that is later cut
-        assert not any(shown[: len("".join(pieces[: i + 1]))].endswith(stop[:k])
-                       and len("".join(pieces[: i + 1])) > len(shown) for k in range(1, 3))
+        assert not any(
+            shown[: len("".join(pieces[: i + 1]))].endswith(stop[:k])
+            and len("".join(pieces[: i + 1])) > len(shown)
+            for k in range(1, 3)
+        )
 
 
 async def _stream_text(aclient: openai.AsyncOpenAI, question: str, max_tokens: int) -> str:
     stream = await aclient.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
-        temperature=0, stream=True,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
     )
     return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
@@ -161,13 +203,20 @@ def test_greedy_text_is_the_same_batched_or_alone(server: ServerProcess) -> None
 
 
 def test_disconnected_clients_free_their_sequences(server: ServerProcess) -> None:
-    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": QUESTIONS[2]}],
-            "max_tokens": 400, "stream": True, "temperature": 0.8, "ignore_eos": True}
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": QUESTIONS[2]}],
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 0.8,
+        "ignore_eos": True,
+    }
 
     def stream(leave_early: bool) -> str | None:
         chunks, finish = 0, None
-        with httpx.stream("POST", server.base + "/v1/chat/completions", json=body,
-                          timeout=120) as response:
+        with httpx.stream(
+            "POST", server.base + "/v1/chat/completions", json=body, timeout=120
+        ) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
                     chunks += 1
@@ -194,8 +243,12 @@ def test_disconnected_clients_free_their_sequences(server: ServerProcess) -> Non
 def test_queue_full_gets_503_with_retry_after(model_path) -> None:  # type: ignore[no-untyped-def]
     small = ServerProcess("--parallel", "1", "--max-queue", "1", "--ctx", "1024")
     try:
-        body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Count."}],
-                "max_tokens": 200, "ignore_eos": True}
+        body = {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "Count."}],
+            "max_tokens": 200,
+            "ignore_eos": True,
+        }
 
         def post() -> httpx.Response:
             return httpx.post(small.base + "/v1/chat/completions", json=body, timeout=120)

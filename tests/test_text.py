@@ -38,8 +38,11 @@ def test_stop_cuts_text_and_reports() -> None:
     assert hit and "".join(out) == "one two "
 
 
-@given(st.text(min_size=0, max_size=40), st.lists(st.integers(1, 5), max_size=20),
-       st.sampled_from(["ab", "\n\n", "xyz", "é!"]))
+@given(
+    st.text(min_size=0, max_size=40),
+    st.lists(st.integers(1, 5), max_size=20),
+    st.sampled_from(["ab", "\n\n", "xyz", "é!"]),
+)
 def test_no_partial_stop_ever_released(text: str, cuts: list[int], stop: str) -> None:
     data = text.encode()
     pieces, i = [], 0

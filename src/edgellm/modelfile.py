@@ -117,7 +117,9 @@ def _read(path: Path) -> Any:
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises many kinds on malformed input
-        raise ModelFileError(f"{path} is not a readable GGUF: {_short(exc)}") from exc
+        raise ModelFileError(
+            f"{path} is truncated or corrupt, not a readable GGUF ({_short(exc)})"
+        ) from exc
 
 
 def _short(exc: BaseException) -> str:
