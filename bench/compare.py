@@ -116,12 +116,19 @@ class Running:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{server.name} exited; log: {self.log.name}")
             try:
-                if httpx.get(self.base + "/v1/models", timeout=1).status_code == 200:
+                if self._ready():
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"{server.name} did not start; log: {self.log.name}")
+
+    def _ready(self) -> bool:
+        """edgellm says so on /ready (503 while loading); a peer without /ready, on /v1/models."""
+        ready = httpx.get(self.base + "/ready", timeout=1).status_code
+        if ready != 404:
+            return ready == 200
+        return httpx.get(self.base + "/v1/models", timeout=1).status_code == 200
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
