@@ -137,6 +137,19 @@ def test_context_full_admission() -> None:
     assert run_all(engine)["fits"]
 
 
+def test_split_streams_bound_each_request() -> None:
+    runner = ScriptedRunner(n_ctx=64)
+    config = SchedulerConfig(
+        n_ctx=64, max_running=4, max_batch_tokens=64, max_queue=4, seq_cells=16
+    )
+    engine = Engine(runner, runner, config)
+    with pytest.raises(ContextOverflow, match="16 tokens"):
+        engine.add_request(req("big", 10, 10))
+    for i in range(4):
+        engine.add_request(req(f"r{i}", 8, 8))
+    assert all(len(t) == 8 for t in run_all(engine).values())
+
+
 def test_preemption_when_cells_run_out_recomputes_and_finishes() -> None:
     engine, _ = make_engine(n_ctx=48, running=4, batch=64)
     alone, _ = make_engine(n_ctx=48)

@@ -98,6 +98,11 @@ class EngineSettings(_LayerSettings):
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Most requests waiting; beyond it: 503."
     )
+    deterministic: bool = Field(
+        False,
+        description="Give each sequence its own KV stream of ctx/parallel cells, so greedy output "
+        "is identical whatever it is batched with (the shared pool is not batch-invariant).",
+    )
     flash_attn: bool = Field(False, description="Use llama.cpp's flash attention kernels.")
 
 

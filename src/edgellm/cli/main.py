@@ -92,6 +92,12 @@ def serve(
     flash_attn: bool | None = typer.Option(
         None, "--flash-attn/--no-flash-attn", help="Flash attention."
     ),
+    deterministic: bool | None = typer.Option(
+        None,
+        "--deterministic/--shared-kv",
+        help="One KV stream of ctx/parallel cells per sequence: greedy output independent of "
+        "batching [default: shared pool].",
+    ),
     model_id: str | None = typer.Option(None, help="Model name for clients [default: from file]."),
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     config: Path | None = typer.Option(None, help="TOML config file with [server] and [engine]."),
@@ -118,6 +124,7 @@ def serve(
         threads=threads,
         max_queue=max_queue,
         flash_attn=flash_attn,
+        deterministic=deterministic,
     )
     if not _is_loopback(server_settings.host) and not insecure:
         raise EdgeLLMError(

@@ -33,6 +33,7 @@ class SchedulerConfig:
     max_running: int  # sequences decoding at once (`--parallel`)
     max_batch_tokens: int  # tokens per step, prefill chunks and decodes together
     max_queue: int  # requests allowed to wait beyond the free running slots
+    seq_cells: int | None = None  # cells one sequence may hold (split KV streams); None: n_ctx
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,7 +60,7 @@ class Scheduler:
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """Raise ContextOverflow if a request of this size could never run."""
-        n_ctx = self.config.n_ctx
+        n_ctx = min(self.config.n_ctx, self.config.seq_cells or self.config.n_ctx)
         if prompt_len < 1:
             raise ContextOverflow("the prompt is empty", param="prompt")
         if prompt_len >= n_ctx:
