@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pydantic
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgellm import __version__
 from edgellm.errors import EdgeLLMError
@@ -37,12 +38,12 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except EdgeLLMError as exc:
-            err.print(f"[red]error:[/red] {exc.message}")
+            err.print(f"[red]error:[/red] {escape(exc.message)}")
             raise typer.Exit(1) from None
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "settings"
-            err.print(f"[red]error:[/red] invalid setting {where}: {first['msg']}")
+            err.print(f"[red]error:[/red] invalid setting {escape(where)}: {escape(first['msg'])}")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -79,7 +80,7 @@ def serve(
     host: str | None = typer.Option(None, help="Address to bind [default: 127.0.0.1]."),
     port: int | None = typer.Option(None, help="Port [default: 8000]."),
     ctx: int | None = typer.Option(
-        None, help="KV cache cells shared by all requests [default: 4096]."
+        None, help="KV cache cells in all; split layout: ctx/parallel each [default: 16384]."
     ),
     parallel: int | None = typer.Option(None, help="Most requests decoding at once [default: 8]."),
     batch: int | None = typer.Option(
@@ -90,13 +91,12 @@ def serve(
         None, help="Most waiting requests before 503 [default: 64]."
     ),
     flash_attn: bool | None = typer.Option(
-        None, "--flash-attn/--no-flash-attn", help="Flash attention."
+        None, "--flash-attn/--no-flash-attn", help="Flash attention [default: on]."
     ),
-    deterministic: bool | None = typer.Option(
+    kv_layout: str | None = typer.Option(
         None,
-        "--deterministic/--shared-kv",
-        help="One KV stream of ctx/parallel cells per sequence: greedy output independent of "
-        "batching [default: shared pool].",
+        help="split: a KV stream of ctx/parallel cells per request, batch-invariant; shared: one "
+        "pool any request may fill [default: split].",
     ),
     model_id: str | None = typer.Option(None, help="Model name for clients [default: from file]."),
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
@@ -124,7 +124,7 @@ def serve(
         threads=threads,
         max_queue=max_queue,
         flash_attn=flash_attn,
-        deterministic=deterministic,
+        kv_layout=kv_layout,
     )
     if not _is_loopback(server_settings.host) and not insecure:
         raise EdgeLLMError(
@@ -186,6 +186,79 @@ def chat(
         max_tokens=max_tokens,
         api_key=api_key,
     )
+
+
+@app.command()
+@user_errors
+def bench(
+    url: str = typer.Option("http://127.0.0.1:8000/v1", help="The server's /v1 base URL."),
+    model: str | None = typer.Option(None, help="Model name [default: the first one served]."),
+    api_key: str | None = typer.Option(None, envvar="EDGELLM_API_KEY", help="Bearer key."),
+    workload: str = typer.Option("random", help="random, chat or file."),
+    file: Path | None = typer.Option(None, help="file workload: JSONL, one request per line."),
+    text_file: Path | None = typer.Option(
+        None, help="Draw prompt text from this file [default: random common words]."
+    ),
+    concurrency: str | None = typer.Option(
+        None, help="Requests in flight (chat: conversations); a list such as 1,4,8 runs each."
+    ),
+    rate: str = typer.Option("inf", help="Arrivals per second (Poisson); inf = all at once."),
+    requests: int | None = typer.Option(
+        None, min=1, help="Requests per level [default: max(16, 4 x concurrency)]."
+    ),
+    warmup: int = typer.Option(1, min=0, help="Requests sent first and not counted."),
+    seed: int = typer.Option(0, help="Seed for prompts, lengths and arrivals."),
+    input_len: str = typer.Option("128", help="Prompt words (about tokens): N or LOW:HIGH."),
+    output_len: str = typer.Option("128", help="max_tokens: N or LOW:HIGH."),
+    system_len: int = typer.Option(500, min=0, help="chat: words of the shared system prompt."),
+    turns: int = typer.Option(4, help="chat: turns per conversation."),
+    temperature: float | None = typer.Option(0.0, help="Sampling temperature sent."),
+    ignore_eos: bool = typer.Option(
+        False, help="Ask the server to generate max_tokens (ignore_eos: true)."
+    ),
+    extra_body: str | None = typer.Option(None, help="JSON object merged into every request."),
+    slo: str | None = typer.Option(
+        None, help="Goodput targets, e.g. ttft=500ms,tpot=50ms,e2e=10s."
+    ),
+    timeout: float = typer.Option(600.0, min=1, help="Seconds per request."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Write the summary and every request here."
+    ),
+    plot: Path | None = typer.Option(None, help="Write a PNG of latency and throughput."),
+) -> None:
+    """Benchmark a running OpenAI-compatible server (edgellm or any other): TTFT, TPOT,
+    inter-token latency, E2E percentiles, throughput and goodput.
+
+    Example: edgellm bench --url http://127.0.0.1:8000/v1 --concurrency 1,4,8 --ignore-eos
+    """
+    from edgellm.cli.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        url=url,
+        model=model,
+        api_key=api_key,
+        workload=workload,
+        file=file,
+        text_file=text_file,
+        concurrency=concurrency,
+        rate=rate,
+        requests=requests,
+        warmup=warmup,
+        seed=seed,
+        input_len=input_len,
+        output_len=output_len,
+        system_len=system_len,
+        turns=turns,
+        temperature=temperature,
+        ignore_eos=ignore_eos,
+        extra_body=extra_body,
+        slo=slo,
+        timeout=timeout,
+        json_out=json_out,
+        plot=plot,
+    )
+    if not run_bench(opts, Console(highlight=False), err):
+        raise EdgeLLMError("every request failed at some level; see the errors above")
 
 
 def main() -> None:
