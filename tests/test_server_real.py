@@ -187,36 +187,30 @@ def test_eight_concurrent_streams_complete(server: ServerProcess) -> None:
     assert server.stats()["running"] == 0
 
 
-@pytest.mark.xfail(
-    reason="llama.cpp's CPU attention kernels (tiled softmax over a shared ubatch) are not "
-    "batch-invariant with a shared KV pool: greedy text can diverge after a few dozen tokens; "
-    "--deterministic holds it (docs/engine.md)",
-    strict=False,
-)
-def test_greedy_text_is_the_same_batched_or_alone(server: ServerProcess) -> None:
-    async def run(aclient: openai.AsyncOpenAI) -> tuple[list[str], list[str]]:
-        alone = [await _stream_text(aclient, q, 48) for q in QUESTIONS]
-        batched = await asyncio.gather(*[_stream_text(aclient, q, 48) for q in QUESTIONS])
-        return alone, list(batched)
+async def _alone_then_batched(aclient: openai.AsyncOpenAI) -> tuple[list[str], list[str]]:
+    alone = [await _stream_text(aclient, q, 48) for q in QUESTIONS]
+    batched = await asyncio.gather(*[_stream_text(aclient, q, 48) for q in QUESTIONS])
+    return alone, list(batched)
 
-    alone, batched = run_async(server, run)
+
+def test_greedy_text_is_the_same_batched_or_alone(server: ServerProcess) -> None:
+    """The default split KV layout is batch-invariant (docs/engine.md)."""
+    alone, batched = run_async(server, _alone_then_batched)
+    assert all(alone)
     assert batched == alone
 
 
-def test_deterministic_mode_gives_the_same_text_batched_or_alone() -> None:
-    det = ServerProcess("--ctx", "4096", "--parallel", "8", "--deterministic")
+def test_shared_kv_layout_serves_batched_requests() -> None:
+    """The shared pool serves the same load; its greedy text may differ from the text alone
+    after a few dozen tokens (llama.cpp's CPU attention is not batch-invariant over a shared
+    pool, docs/engine.md), so only completeness is asserted here."""
+    shared = ServerProcess("--ctx", "4096", "--parallel", "8", "--kv-layout", "shared")
     try:
-
-        async def run(aclient: openai.AsyncOpenAI) -> tuple[list[str], list[str]]:
-            alone = [await _stream_text(aclient, q, 48) for q in QUESTIONS]
-            batched = await asyncio.gather(*[_stream_text(aclient, q, 48) for q in QUESTIONS])
-            return alone, list(batched)
-
-        alone, batched = run_async(det, run)
-        assert all(alone)
-        assert batched == alone
+        alone, batched = run_async(shared, _alone_then_batched)
+        assert all(alone) and all(batched)
+        assert shared.stats()["running"] == 0
     finally:
-        det.stop()
+        shared.stop()
 
 
 def test_disconnected_clients_free_their_sequences(server: ServerProcess) -> None:

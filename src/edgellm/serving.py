@@ -21,7 +21,7 @@ def load_engine(path: Path, settings: EngineSettings) -> Engine:
         max_running=settings.parallel,
         max_batch_tokens=settings.batch,
         max_queue=settings.max_queue,
-        seq_cells=backend.n_ctx // settings.parallel if settings.deterministic else None,
+        seq_cells=backend.n_ctx // settings.parallel if settings.kv_layout == "split" else None,
     )
     return Engine(backend, backend, config)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic.fields import FieldInfo
@@ -86,7 +86,10 @@ class EngineSettings(_LayerSettings):
     toml_table: ClassVar[str] = "engine"
 
     ctx: int = Field(
-        4096, ge=64, le=1 << 20, description="Total KV cache cells shared by all sequences."
+        16384,
+        ge=64,
+        le=1 << 20,
+        description="Total KV cache cells; with the split layout each sequence gets ctx/parallel.",
     )
     parallel: int = Field(8, ge=1, le=256, description="Most sequences running at once.")
     batch: int = Field(
@@ -98,12 +101,13 @@ class EngineSettings(_LayerSettings):
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Most requests waiting; beyond it: 503."
     )
-    deterministic: bool = Field(
-        False,
-        description="Give each sequence its own KV stream of ctx/parallel cells, so greedy output "
-        "is identical whatever it is batched with (the shared pool is not batch-invariant).",
+    kv_layout: Literal["split", "shared"] = Field(
+        "split",
+        description="split: each sequence has its own KV stream of ctx/parallel cells (fastest "
+        "with several requests, and greedy output is the same however requests are batched); "
+        "shared: one pool any sequence may fill, for one long context among short ones.",
     )
-    flash_attn: bool = Field(False, description="Use llama.cpp's flash attention kernels.")
+    flash_attn: bool = Field(True, description="Use llama.cpp's flash attention kernels.")
 
 
 class ServerSettings(_LayerSettings):

@@ -62,9 +62,9 @@ class LlamaCppBackend:
         cparams.n_seq_max = settings.parallel
         cparams.n_threads = settings.threads
         cparams.n_threads_batch = settings.threads
-        # One cell pool for all sequences; in deterministic mode a stream of n_ctx / n_seq cells
-        # per sequence, whose attention never sees other sequences' cells (docs/engine.md).
-        cparams.kv_unified = not settings.deterministic
+        # split: a stream of n_ctx / n_seq cells per sequence, whose attention never reads other
+        # sequences' cells (faster, batch-invariant); shared: one pool (docs/engine.md).
+        cparams.kv_unified = settings.kv_layout == "shared"
         cparams.no_perf = True
         cparams.flash_attn_type = (
             ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
