@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from edgellm.engine import Engine, Request, RequestStatus, SamplingParams, SchedulerConfig
+from edgellm.engine import Engine, KvOp, Request, RequestStatus, SamplingParams, SchedulerConfig
 from edgellm.errors import ContextOverflow, QueueFull
 from tests.fakes import ScriptedRunner
 
 
 def make_engine(
-    n_ctx: int = 256, running: int = 4, batch: int = 64, queue: int = 8, eos_at: int | None = None
+    n_ctx: int = 256,
+    running: int = 4,
+    batch: int = 64,
+    queue: int = 8,
+    eos_at: int | None = None,
+    cache: bool = True,
 ) -> tuple[Engine, ScriptedRunner]:
     runner = ScriptedRunner(n_ctx=n_ctx, eos_at=eos_at)
     config = SchedulerConfig(
-        n_ctx=n_ctx, max_running=running, max_batch_tokens=batch, max_queue=queue
+        n_ctx=n_ctx,
+        max_running=running,
+        max_batch_tokens=batch,
+        max_queue=queue,
+        prefix_cache=cache,
     )
     return Engine(runner, runner, config), runner
 
@@ -37,7 +46,7 @@ def run_all(engine: Engine, limit: int = 1000) -> dict[str, str]:
 
 
 def test_requests_join_and_leave_mid_batch() -> None:
-    engine, runner = make_engine()
+    engine, runner = make_engine(cache=False)
     engine.add_request(req("a", 4, 6))
     engine.step()  # a: prefill + first token
     engine.step()  # a: decode
@@ -50,7 +59,7 @@ def test_requests_join_and_leave_mid_batch() -> None:
     assert engine.scheduler.get("b") is None
     engine.step()
     assert [c.request_id for c in runner.batches[-1].chunks] == ["a"]
-    assert runner.batches[-1].cleared_seqs == [1]  # b's cells freed at the next step
+    assert runner.batches[-1].kv_ops == [KvOp(1, keep=0)]  # b's cells freed at the next step
     run_all(engine)
     assert engine.scheduler.cells_used == 0
 
@@ -100,7 +109,7 @@ def test_running_bound_is_respected() -> None:
 
 
 def test_abort_frees_cells_at_the_next_step() -> None:
-    engine, runner = make_engine()
+    engine, runner = make_engine(cache=False)
     engine.add_request(req("keep", 4, 20))
     engine.add_request(req("drop", 4, 20))
     engine.step()
@@ -110,7 +119,7 @@ def test_abort_frees_cells_at_the_next_step() -> None:
     assert engine.scheduler.stats().running == 1
     assert engine.scheduler.cells_used == held - 5  # 4 prompt + 1 decoded
     engine.step()
-    assert runner.batches[-1].cleared_seqs == [1]
+    assert runner.batches[-1].kv_ops == [KvOp(1, keep=0)]
     assert 1 not in runner.cells
     assert "drop" in runner.batches[-1].finished_requests
     assert len(run_all(engine)["keep"]) > 0

@@ -22,6 +22,7 @@ def load_engine(path: Path, settings: EngineSettings) -> Engine:
         max_batch_tokens=settings.batch,
         max_queue=settings.max_queue,
         seq_cells=backend.n_ctx // settings.parallel if settings.kv_layout == "split" else None,
+        prefix_cache=settings.prefix_cache,
     )
     return Engine(backend, backend, config)
 

@@ -108,6 +108,11 @@ class EngineSettings(_LayerSettings):
         "shared: one pool any sequence may fill, for one long context among short ones.",
     )
     flash_attn: bool = Field(True, description="Use llama.cpp's flash attention kernels.")
+    prefix_cache: bool = Field(
+        True,
+        description="Keep finished requests' KV cells and reuse the longest matching prefix "
+        "(multi-turn chats, shared system prompts) instead of recomputing it.",
+    )
 
 
 class ServerSettings(_LayerSettings):

@@ -1,8 +1,9 @@
 """The llama.cpp backend: the only module that imports `llama_cpp`.
 
-It uses the low-level API: one context whose KV cache is a single cell pool shared by all
-sequences (`kv_unified`), one `llama_batch` holding every sequence's tokens for a step, one
-llama.cpp sampler chain per request, and `llama_memory_seq_rm` to free a sequence's cells.
+It uses the low-level API: one context whose KV cache is a stream per sequence (split) or one
+pool shared by all (`kv_unified`), one `llama_batch` holding every sequence's tokens for a
+step, one llama.cpp sampler chain per request, and `llama_memory_seq_rm` / `_seq_cp` to drop
+and copy a sequence's cells.
 Every method except the tokenizer ones must run on the thread that created the backend.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import llama_cpp as ll
 
 from edgellm.engine.request import SamplingParams
-from edgellm.engine.runner import RunnerOutput, ScheduledChunk, SchedulerOutput
+from edgellm.engine.runner import KvOp, RunnerOutput, ScheduledChunk, SchedulerOutput
 from edgellm.errors import EngineError, ModelFileError
 from edgellm.modelfile import inspect_gguf
 from edgellm.settings import EngineSettings
@@ -88,8 +89,8 @@ class LlamaCppBackend:
     # -- Runner ------------------------------------------------------------------------------
 
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
-        for seq_id in work.cleared_seqs:
-            ll.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        for op in work.kv_ops:
+            self._apply(op)
         for request_id in work.finished_requests:
             sampler = self._samplers.pop(request_id, None)
             if sampler is not None:
@@ -105,6 +106,14 @@ class LlamaCppBackend:
             sampler = self._sampler_for(chunk)
             sampled[chunk.request_id] = int(ll.llama_sampler_sample(sampler, self._ctx, index))
         return RunnerOutput(sampled=sampled)
+
+    def _apply(self, op: KvOp) -> None:
+        if op.copy_from is not None:
+            # Across split streams this queues a copy of the whole stream, done by the next
+            # llama_decode before it writes the batch; in one pool the cells become shared.
+            ll.llama_memory_seq_rm(self._memory, op.seq_id, -1, -1)
+            ll.llama_memory_seq_cp(self._memory, op.copy_from, op.seq_id, -1, -1)
+        ll.llama_memory_seq_rm(self._memory, op.seq_id, op.keep if op.keep else -1, -1)
 
     def _fill_batch(self, chunks: list[ScheduledChunk]) -> list[tuple[ScheduledChunk, int]]:
         """Write all chunks into the one reusable batch; return (chunk, row) pairs to sample."""

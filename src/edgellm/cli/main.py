@@ -98,6 +98,11 @@ def serve(
         help="split: a KV stream of ctx/parallel cells per request, batch-invariant; shared: one "
         "pool any request may fill [default: split].",
     ),
+    prefix_cache: bool | None = typer.Option(
+        None,
+        "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV cells of earlier requests' matching prefix [default: on].",
+    ),
     model_id: str | None = typer.Option(None, help="Model name for clients [default: from file]."),
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     config: Path | None = typer.Option(None, help="TOML config file with [server] and [engine]."),
@@ -125,6 +130,7 @@ def serve(
         max_queue=max_queue,
         flash_attn=flash_attn,
         kv_layout=kv_layout,
+        prefix_cache=prefix_cache,
     )
     if not _is_loopback(server_settings.host) and not insecure:
         raise EdgeLLMError(

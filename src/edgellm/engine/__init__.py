@@ -2,12 +2,20 @@
 
 from edgellm.engine.engine import AsyncEngine, Engine, RequestOutput, RequestStream
 from edgellm.engine.request import Request, RequestStatus, SamplingParams
-from edgellm.engine.runner import Runner, RunnerOutput, ScheduledChunk, SchedulerOutput, Tokenizer
+from edgellm.engine.runner import (
+    KvOp,
+    Runner,
+    RunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+    Tokenizer,
+)
 from edgellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 
 __all__ = [
     "AsyncEngine",
     "Engine",
+    "KvOp",
     "Request",
     "RequestOutput",
     "RequestStatus",

@@ -30,6 +30,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     prompt_tokens: int  # tokens in the prompt
     completion_tokens: int  # tokens generated so far, not counting a final end-of-generation
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not computed
     error: str | None = None  # set when the engine failed this request
 
 
@@ -64,6 +65,7 @@ class Engine:
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
             self.abort(request.request_id)
             outputs.append(self._output(request, "", error=message))
+        self.scheduler.drop_cache()
         return outputs
 
     def _update(self, request_id: str, token: int) -> RequestOutput:
@@ -103,6 +105,7 @@ class Engine:
             finish_reason=finish_reason(request.status),
             prompt_tokens=len(request.prompt_tokens),
             completion_tokens=generated,
+            cached_tokens=request.num_cached_tokens,
             error=error,
         )
 
@@ -296,5 +299,9 @@ def describe(stats: SchedulerStats | None) -> dict[str, Any]:
         "running": stats.running,
         "waiting": stats.waiting,
         "kv_cells_used": stats.cells_used,
+        "kv_cells_cached": stats.cells_cached,
         "kv_cells_total": stats.n_ctx,
+        "prompt_tokens_reused": stats.prompt_tokens_reused,
+        "prompt_tokens_computed": stats.prompt_tokens_computed,
+        "prefix_cache_hit_rate": stats.hit_rate,
     }

@@ -61,6 +61,7 @@ class Request:
     seq_id: int | None = None  # KV sequence while RUNNING, else None
     num_computed: int = 0  # tokens of `all_tokens` whose KV cells exist in `seq_id`
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found resident at first admission (prefix cache)
 
     @property
     def all_tokens(self) -> list[int]:

@@ -21,12 +21,21 @@ class ScheduledChunk:
     history: list[int] = field(default_factory=list)  # tokens already generated, for penalties
 
 
+@dataclass(slots=True, frozen=True)
+class KvOp:
+    """A change to one sequence's KV cells, applied (in list order) before the step's batch."""
+
+    seq_id: int
+    keep: int  # cells at positions >= keep are dropped; 0 empties the sequence
+    copy_from: int | None = None  # first make `seq_id` a copy of this sequence's cells
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
-    """One step's work: clear these sequences, then decode these chunks as one batch."""
+    """One step's work: apply these KV ops, then decode these chunks as one batch."""
 
     chunks: list[ScheduledChunk]
-    cleared_seqs: list[int]  # sequences whose KV cells must be dropped before decoding
+    kv_ops: list[KvOp]  # cache changes decided since the previous step, in order
     finished_requests: list[str]  # requests whose sampler state can be freed
 
     @property
@@ -45,7 +54,7 @@ class Runner(Protocol):
     n_ctx: int  # total KV cells in the shared cache
 
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
-        """Clear `work.cleared_seqs`, decode all chunks in one batch, sample where asked."""
+        """Apply `work.kv_ops`, decode all chunks in one batch, sample where asked."""
         ...
 
     def close(self) -> None: ...

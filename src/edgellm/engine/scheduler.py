@@ -5,15 +5,20 @@ Algorithm (one call to `schedule()` per engine step):
 1. Running requests, oldest first, each get the tokens they still lack in the KV cache:
    the rest of their prompt (chunked by the step's token budget) or, once decoding, the
    one token they sampled last step. Prefill chunks and decodes share one batch.
-2. KV cells are one pool of `n_ctx` shared by all sequences. A request takes cells only as its
-   tokens are computed. When a step needs more cells than are free, the newest running request
-   is preempted: its cells are dropped and it goes back to the front of the queue, to be
-   recomputed (prompt + what it generated) later. The oldest request can always make progress
-   because admission guarantees `prompt + max_tokens <= n_ctx`.
-3. Waiting requests are admitted in arrival order while there is a free sequence id
-   (`max_running`), token budget, and free cells for their whole remaining prompt.
+2. Waiting requests are admitted in arrival order while there is a free sequence, token
+   budget, and cells for their whole remaining prompt. The prefix cache (`prefix_cache.py`)
+   picks the sequence and says how many leading tokens are already resident there; only the
+   rest is computed. A finished request's cells stay cached in its sequence.
+3. Cells: with the split layout each sequence has its own stream of `seq_cells`, which
+   admission guarantees is enough, so nothing else is needed. With one shared pool of `n_ctx`
+   cells, cached cells count against the pool; when a step needs more cells than are free,
+   the least recently used cached sequence is evicted first, and only then is the newest
+   running request preempted: it goes back to the front of the queue, its computed cells left
+   cached, to be resumed or recomputed later. Running requests' cells are never evicted. The
+   oldest request can always make progress because `prompt + max_tokens <= n_ctx`.
 
-Invariant: `cells_used == sum(r.num_computed for r in running)`.
+Invariants: `cells_used == sum(r.num_computed for r in running)`;
+`cache.cells_cached == sum(len(s.cached) for s in free slots)`.
 A chunk samples a token exactly when it ends at the request's last known token.
 """
 
@@ -22,26 +27,37 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from edgellm.engine.prefix_cache import Placement, PrefixCache
 from edgellm.engine.request import Request, RequestStatus
-from edgellm.engine.runner import ScheduledChunk, SchedulerOutput
+from edgellm.engine.runner import KvOp, ScheduledChunk, SchedulerOutput
 from edgellm.errors import ContextOverflow, QueueFull
 
 
 @dataclass(slots=True, frozen=True)
 class SchedulerConfig:
-    n_ctx: int  # KV cells shared by all sequences
+    n_ctx: int  # KV cells in all
     max_running: int  # sequences decoding at once (`--parallel`)
     max_batch_tokens: int  # tokens per step, prefill chunks and decodes together
     max_queue: int  # requests allowed to wait beyond the free running slots
-    seq_cells: int | None = None  # cells one sequence may hold (split KV streams); None: n_ctx
+    seq_cells: int | None = None  # cells per sequence (split KV streams); None: one shared pool
+    prefix_cache: bool = True  # reuse resident prefixes across requests
 
 
 @dataclass(slots=True, frozen=True)
 class SchedulerStats:
     running: int
     waiting: int
-    cells_used: int
+    cells_used: int  # cells of running requests
+    cells_cached: int  # cells kept for reuse in free sequences
     n_ctx: int
+    prompt_tokens_reused: int  # admitted tokens found resident, since start
+    prompt_tokens_computed: int  # admitted tokens that had to be computed, since start
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Share of admitted prompt tokens that were reused; None before any request."""
+        total = self.prompt_tokens_reused + self.prompt_tokens_computed
+        return self.prompt_tokens_reused / total if total else None
 
 
 class Scheduler:
@@ -50,11 +66,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cells_used = 0
-        # Lowest ids first, so a lone request always decodes in sequence 0.
-        self._free_seqs = list(range(config.max_running - 1, -1, -1))
-        self._cleared_seqs: list[int] = []
+        self.cache = PrefixCache(config.max_running, enabled=config.prefix_cache)
+        self._pooled = config.seq_cells is None  # cached cells compete with running ones
+        self._kv_ops: list[KvOp] = []
         self._finished_ids: list[str] = []
         self._by_id: dict[str, Request] = {}
+        self._resident: dict[int, int] = {}  # seq_id -> cells of running ones before the batch
+        self.tokens_reused = 0
+        self.tokens_computed = 0
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -112,13 +131,18 @@ class Scheduler:
     def append_token(self, request: Request, token: int) -> None:
         request.output_tokens.append(token)
 
+    def drop_cache(self) -> None:
+        """Forget every cached prefix (the KV cells cannot be trusted after an engine error)."""
+        self._kv_ops += self.cache.drop_all()
+
     def _release(self, request: Request) -> None:
+        """Hand the request's sequence back; its computed cells stay cached."""
         if request.seq_id is None:
             return
+        slot = self.cache.slots[request.seq_id]
+        resident = request.all_tokens[: request.num_computed]
+        self._kv_ops += self.cache.release(slot, resident)
         self.cells_used -= request.num_computed
-        self._cleared_seqs.append(request.seq_id)
-        self._free_seqs.append(request.seq_id)
-        self._free_seqs.sort(reverse=True)
         request.seq_id = None
         request.num_computed = 0
 
@@ -129,9 +153,19 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request, placement: Placement) -> None:
         self.waiting.popleft()
-        request.seq_id = self._free_seqs.pop()
+        self._kv_ops += self.cache.claim(placement, request)
+        request.seq_id = placement.slot.seq_id
+        request.num_computed = placement.keep
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = placement.keep
+        self.cells_used += placement.keep
+        # its first `keep` cells are in place before this step's batch: a later admission in
+        # this step may copy them (the runner applies KV ops in order, copies before the batch)
+        self._resident[request.seq_id] = placement.keep
+        self.tokens_reused += placement.keep
+        self.tokens_computed += request.num_tokens - placement.keep
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
@@ -140,6 +174,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_batch_tokens
         chunks: list[ScheduledChunk] = []
+        self._resident = {r.seq_id: r.num_computed for r in self.running if r.seq_id is not None}
         for request in list(self.running):
             if budget == 0:
                 break
@@ -150,30 +185,65 @@ class Scheduler:
                 continue
             chunks.append(self._chunk(request, n))
             budget -= n
-        while self.waiting and budget > 0 and self._free_seqs:
+        while self.waiting and budget > 0:
             request = self.waiting[0]
-            remaining = request.num_tokens - request.num_computed
-            if self.free_cells < remaining + 1:
+            placement = self.cache.place(request.all_tokens, self._resident)
+            if placement is not None and not self._room_to_admit(request, placement):
+                # a copied prefix counts twice in a shared pool and spares its source: try
+                # the placement that evicts anything but its own slot
+                placement = self.cache.place(request.all_tokens, self._resident, copy=False)
+                if placement is not None and not self._room_to_admit(request, placement):
+                    placement = None
+            if placement is None:
                 break
-            self._admit(request)
-            n = min(remaining, budget)
+            self._admit(request, placement)
+            n = min(request.num_tokens - request.num_computed, budget)
             chunks.append(self._chunk(request, n))
             budget -= n
-        out = SchedulerOutput(chunks, self._cleared_seqs, self._finished_ids)
-        self._cleared_seqs, self._finished_ids = [], []
+        out = SchedulerOutput(chunks, self._kv_ops, self._finished_ids)
+        self._kv_ops, self._finished_ids = [], []
         return out
 
     @property
     def free_cells(self) -> int:
-        return self.config.n_ctx - self.cells_used
+        cached = self.cache.cells_cached if self._pooled else 0  # split: cached in own streams
+        return self.config.n_ctx - self.cells_used - cached
 
     def _make_room(self, n: int, request: Request) -> bool:
-        """Preempt the newest running requests until `n` cells are free; False if `request` went."""
+        """Evict cached cells, then preempt the newest running requests, until `n` cells are
+        free; False if `request` itself was preempted."""
         while self.free_cells < n:
+            op = self.cache.evict_lru(spare=set()) if self._pooled else None
+            if op is not None:
+                self._kv_ops.append(op)
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             if victim is request:
                 return False
+        return True
+
+    def _room_to_admit(self, request: Request, placement: Placement) -> bool:
+        """Make room for the request's remaining tokens and its first sampled one, evicting
+        other cached sequences if needed; False (evicting nothing) if that cannot be done."""
+        need = request.num_tokens - placement.keep + 1
+        spare = {placement.slot.seq_id}
+        if placement.copy_from is not None:
+            spare.add(placement.copy_from.seq_id)
+        available = self.free_cells
+        if self._pooled:  # the claim turns the target's cached cells into the request's `keep`
+            available += len(placement.slot.cached) - placement.keep
+        if available >= need:
+            return True
+        if not self._pooled or available + self.cache.evictable(spare) < need:
+            return False
+        while available < need:
+            before = self.cache.cells_cached
+            op = self.cache.evict_lru(spare)
+            if op is None:
+                return False
+            self._kv_ops.append(op)
+            available += before - self.cache.cells_cached
         return True
 
     def _chunk(self, request: Request, n: int) -> ScheduledChunk:
@@ -200,12 +270,15 @@ class Scheduler:
     # -- introspection -----------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._cleared_seqs or self._finished_ids)
+        return bool(self.running or self.waiting or self._kv_ops or self._finished_ids)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             running=len(self.running),
             waiting=len(self.waiting),
             cells_used=self.cells_used,
+            cells_cached=self.cache.cells_cached,
             n_ctx=self.config.n_ctx,
+            prompt_tokens_reused=self.tokens_reused,
+            prompt_tokens_computed=self.tokens_computed,
         )

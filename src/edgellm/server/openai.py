@@ -133,7 +133,7 @@ async def _run(
             "object": shape.object_name,
             "system_fingerprint": None,
             "choices": [shape.choice(text, last.finish_reason)],
-            "usage": usage(last.prompt_tokens, last.completion_tokens),
+            "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
         }
     )
 
@@ -221,7 +221,9 @@ async def _sse(
                         {
                             **base,
                             "choices": [],
-                            "usage": usage(output.prompt_tokens, output.completion_tokens),
+                            "usage": usage(
+                                output.prompt_tokens, output.completion_tokens, output.cached_tokens
+                            ),
                         }
                     )
         yield b"data: [DONE]\n\n"
