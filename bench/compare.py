@@ -32,11 +32,12 @@ from typing import Any
 import httpx
 
 from edgellm.bench.runner import LevelResult, LoadConfig, run_level
+from edgellm.bench.stats import percentile
 from edgellm.bench.workloads import LengthRange, Workload, chat_workload, random_workload
 from edgellm.modelfile import default_model_path
 
 EOG_TOKENS = (0, 2)  # SmolLM2's <|endoftext|> and <|im_end|>, for the logit-bias route
-SERVERS = ("edgellm", "llama-server", "llama-cpp-python")
+SERVERS = ("edgellm", "edgellm-nocache", "llama-server", "llama-cpp-python")
 
 
 def free_port() -> int:
@@ -64,9 +65,10 @@ def llama_server_binary() -> str:
 def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     common = {"threads": str(args.threads), "ctx": str(args.ctx), "np": str(args.parallel)}
-    if name == "edgellm":
+    if name in ("edgellm", "edgellm-nocache"):
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
+        argv += ["--no-prefix-cache"] if name == "edgellm-nocache" else []
         return Server(name, argv, {"ignore_eos": True}, port)
     if name == "llama-server":
         argv = [llama_server_binary(), "-m", str(model), "--port", str(port), "--host", "127.0.0.1"]
@@ -287,15 +289,43 @@ def line(r: LevelResult) -> str:
 
 
 def _median(rs: list[LevelResult], pick: Any) -> float:
-    values = [v for r in rs if (v := pick(r.summary)) is not None]
+    values = [v for r in rs if (v := pick(r)) is not None]
     return statistics.median(values) if values else float("nan")
 
 
-METRICS = (
-    ("out tok/s", lambda s: s.output_throughput, True),
-    ("decode tok/s/stream", lambda s: s.decode_tokens_per_s, True),
-    ("TTFT p50 ms", lambda s: 1000 * s.ttft.p50 if s.ttft.p50 is not None else None, False),
-    ("TTFT p99 ms", lambda s: 1000 * s.ttft.p99 if s.ttft.p99 is not None else None, False),
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
+def _later_turns_ttft_p50(r: LevelResult) -> float | None:
+    """Chat: TTFT p50 of turns 2 and later, where a prompt cache can reuse the history."""
+    later = [x.ttft for x in r.records if x.ok and (x.turn or 0) >= 1 and x.ttft is not None]
+    return _ms(percentile(later, 50)) if later else None
+
+
+def _cache_hit_percent(r: LevelResult) -> float | None:
+    """Share of prompt tokens the server says it reused (usage.prompt_tokens_details)."""
+    s = r.summary
+    return (
+        None
+        if s.cached_tokens is None or not s.input_tokens
+        else 100 * s.cached_tokens / s.input_tokens
+    )
+
+
+METRICS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "random": (
+        ("out tok/s", lambda r: r.summary.output_throughput),
+        ("decode tok/s/stream", lambda r: r.summary.decode_tokens_per_s),
+        ("TTFT p50 ms", lambda r: _ms(r.summary.ttft.p50)),
+        ("TTFT p99 ms", lambda r: _ms(r.summary.ttft.p99)),
+    ),
+}
+METRICS["chat"] = (
+    *METRICS["random"][:3],
+    ("TTFT p50 ms, turns 2+", _later_turns_ttft_p50),
+    METRICS["random"][3],
+    ("prompt cache hit %", _cache_hit_percent),
 )
 
 
@@ -322,9 +352,10 @@ def render(
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + " --- |" * len(header))
         for c in levels:
-            for label, pick, _higher_better in METRICS:
+            for label, pick in METRICS[workload]:
                 values = {s: _median(d.get(c, []), pick) for s, d in per_server.items()}
-                ratios = [values.get("edgellm", float("nan")) / values[p] for p in peers]
+                mine = values.get("edgellm", float("nan"))
+                ratios = [mine / values[p] if values[p] else float("nan") for p in peers]
                 row = [str(c), label, *(f"{v:.1f}" for v in values.values())]
                 row += [f"{r:.2f}x" for r in ratios]
                 out.append("| " + " | ".join(row) + " |")

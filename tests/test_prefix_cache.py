@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgellm.engine import Engine, Request, SamplingParams, SchedulerConfig
-from edgellm.engine.prefix_cache import COPY_COST, common_prefix
+from edgellm.engine.prefix_cache import COPY_COST, MIN_COMPUTED, WAIT_FOR, common_prefix
 from tests.fakes import ScriptedRunner
 
 SYSTEM = [3 + i % 19 for i in range(80)]  # a shared "system prompt", longer than COPY_COST
@@ -126,13 +126,13 @@ def test_new_conversation_copies_the_system_prompt_and_keeps_the_other_cached() 
     assert a2.num_cached_tokens == first.num_tokens - 1
 
 
-def test_identical_prompt_keeps_one_token_to_compute() -> None:
+def test_identical_prompt_keeps_two_tokens_to_compute() -> None:
     engine, _runner = make_engine(cache=True)
     prompt = [*SYSTEM, 4, 5]
     first, second = greedy("x", prompt), greedy("y", prompt)
     run(engine, [first])
     run(engine, [second])
-    assert second.num_cached_tokens == len(prompt) - 1
+    assert second.num_cached_tokens == len(prompt) - MIN_COMPUTED
     assert second.output_tokens == first.output_tokens
 
 
@@ -184,6 +184,7 @@ def test_a_running_sequence_is_never_evicted() -> None:
     assert held not in touched
     evictions = [op for batch in runner.batches for op in batch.kv_ops if op.keep == 0]
     assert evictions, "the budget was meant to force evictions"
+    assert engine.scheduler.stats().cells_evicted >= sum(len(b.kv_ops) for b in runner.batches[1:])
     step_until_done(engine, [long])
     alone, _ = make_engine(cache=False, running=3, n_ctx=180)
     expected = greedy("long", long.prompt_tokens, max_tokens=100)
@@ -234,3 +235,29 @@ def test_engine_error_drops_every_cached_sequence() -> None:
     c = greedy("c", [*SYSTEM, 2])
     run(engine, [c])
     assert c.num_cached_tokens == 0
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once() -> None:
+    def together(cache: bool) -> tuple[list[str], Engine, ScriptedRunner]:
+        engine, runner = make_engine(cache=cache, batch=128)  # room to admit two at once
+        texts = run(engine, [greedy(f"r{i}", [*SYSTEM, 2 + i, 3]) for i in range(4)])
+        return texts, engine, runner
+
+    with_cache, engine, runner = together(True)
+    without, _, _ = together(False)
+    assert with_cache == without
+    stats = engine.scheduler.stats()
+    # the first computes the system prompt; the others wait for it, then copy it
+    assert stats.prompt_tokens_reused == 3 * len(SYSTEM)
+    copies = [op for batch in runner.batches for op in batch.kv_ops if op.copy_from is not None]
+    assert len(copies) == 3 and all(op.keep == len(SYSTEM) for op in copies)
+
+
+def test_a_request_waits_only_for_a_prefix_worth_it() -> None:
+    engine, _ = make_engine(cache=True, batch=128)
+    short = SYSTEM[: WAIT_FOR - 8]
+    requests = [greedy(f"r{i}", [*short, 2 + i, 3]) for i in range(2)]
+    for r in requests:
+        engine.add_request(r)
+    engine.step()
+    assert all(r.status.name == "RUNNING" for r in requests)  # both admitted in one step

@@ -93,6 +93,9 @@ def _take_event(line: str, pieces: list[str], stamps: list[float], record: Reque
             record.output_tokens = usage["completion_tokens"]
         if isinstance(usage.get("prompt_tokens"), int):
             record.input_tokens = usage["prompt_tokens"]
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            record.cached_tokens = details["cached_tokens"]
     return False
 
 

@@ -77,7 +77,9 @@ def _print_detail(console: Console, level: LevelResult) -> None:
     for name, d in dists:
         table.add_row(name, _ms(d.mean), _ms(d.p50), _ms(d.p90), _ms(d.p99))
     console.print(table)
-    tokens = f"{s.input_tokens} input + {s.output_tokens} output tokens in {s.duration:.1f} s; "
+    cached = f" ({s.cached_tokens} reused from cache)" if s.cached_tokens else ""
+    tokens = f"{s.input_tokens} input{cached} + {s.output_tokens} output tokens in "
+    tokens += f"{s.duration:.1f} s; "
     tokens += f"{s.total_token_throughput:.1f} total tok/s; ITL p99 {_ms(s.itl.p99)} ms"
     decode = (
         f"; decode {s.decode_tokens_per_s:.1f} tok/s per stream" if s.decode_tokens_per_s else ""

@@ -33,6 +33,7 @@ class RequestRecord:
     e2e: float | None = None  # None when the request failed
     itls: list[float] = field(default_factory=list)  # gaps between text chunks
     input_tokens: int | None = None  # from the server's usage, when it reports one
+    cached_tokens: int | None = None  # of those, reused from a prompt cache (usage details)
     output_tokens: int = 0  # usage.completion_tokens, else the number of text chunks
     error: str | None = None  # kind: connect, timeout, http_404, stream, server_error, empty
     detail: str | None = None  # the server's message or the exception, for the report
@@ -135,6 +136,7 @@ class Summary:
     total_token_throughput: float  # (input + output) tokens / s
     goodput: float | None  # requests / s meeting every SLO; None without SLOs
     input_tokens: int
+    cached_tokens: int | None  # input tokens the server reused; None when it does not say
     output_tokens: int
     ttft: Distribution
     tpot: Distribution
@@ -149,6 +151,7 @@ class Summary:
         done = [r for r in records if r.ok]
         errors = Counter(r.error for r in records if r.error is not None)
         input_tokens = sum(r.input_tokens or 0 for r in done)
+        reported = [r.cached_tokens for r in done if r.cached_tokens is not None]
         output_tokens = sum(r.output_tokens for r in done)
         per_s = (lambda n: n / duration) if duration > 0 else (lambda n: 0.0)
         tpots = [t for r in done if (t := r.tpot) is not None]
@@ -164,6 +167,7 @@ class Summary:
             total_token_throughput=per_s(input_tokens + output_tokens),
             goodput=per_s(sum(meets_slo(r, slo) for r in records)) if slo else None,
             input_tokens=input_tokens,
+            cached_tokens=sum(reported) if reported else None,
             output_tokens=output_tokens,
             ttft=Distribution.of([r.ttft for r in done if r.ttft is not None]),
             tpot=tpot_dist,

@@ -91,7 +91,9 @@ def serve(
         None, help="Most waiting requests before 503 [default: 64]."
     ),
     flash_attn: bool | None = typer.Option(
-        None, "--flash-attn/--no-flash-attn", help="Flash attention [default: on]."
+        None,
+        "--flash-attn/--no-flash-attn",
+        help="Flash attention [default: on].",
     ),
     kv_layout: str | None = typer.Option(
         None,

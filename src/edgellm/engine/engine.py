@@ -300,6 +300,7 @@ def describe(stats: SchedulerStats | None) -> dict[str, Any]:
         "waiting": stats.waiting,
         "kv_cells_used": stats.cells_used,
         "kv_cells_cached": stats.cells_cached,
+        "kv_cells_evicted": stats.cells_evicted,
         "kv_cells_total": stats.n_ctx,
         "prompt_tokens_reused": stats.prompt_tokens_reused,
         "prompt_tokens_computed": stats.prompt_tokens_computed,

@@ -16,8 +16,13 @@ the tokens of its last owner resident until it is claimed again. When a request 
    conversation copies the shared system prompt into an empty slot, and when every slot holds
    another conversation the least recently used one is overwritten (evicted).
 
-At least one token is always left to compute: its logits give the first sampled token. With the
-cache off, a released slot is emptied at once and every request starts from position 0.
+4. If a running request is still computing a prompt that shares at least `WAIT_FOR` more tokens
+   with the new one than can be reused now, the new one waits (first in the queue, so arrival
+   order holds) and copies that prefix when it is done: eight conversations opening with the
+   same system prompt compute it once, not eight times, and the later ones start sooner.
+
+At least `MIN_COMPUTED` tokens are always left to compute. With the cache off, a released slot
+is emptied at once and every request starts from position 0.
 """
 
 from __future__ import annotations
@@ -29,10 +34,19 @@ from dataclasses import dataclass, field
 from edgellm.engine.request import Request
 from edgellm.engine.runner import KvOp
 
+# Tokens always left to compute. One would do (its logits give the first sampled token), but
+# llama.cpp's CPU attention takes another kernel for a one-row batch over 512+ cells, whose
+# rounding differs: two rows keep a fully cached prompt on the same kernel as a fresh one.
+MIN_COMPUTED = 2
+
 # Tokens a copy must gain over in-place reuse to be worth a stream copy. A split-layout copy
 # moves a whole stream (every layer's K and V); on a CPU that costs about as much as
 # computing a few tokens, so 32 leaves a wide margin.
 COPY_COST = 32
+
+# Tokens that a prefix still being computed must add over the reusable one for a new request
+# to wait for it rather than compute the prefix itself alongside.
+WAIT_FOR = 64
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -73,6 +87,7 @@ class PrefixCache:
         self.enabled = enabled
         self.slots = [Slot(i) for i in range(n_slots)]
         self.cells_cached = 0  # sum of len(slot.cached) over free slots
+        self.cells_evicted = 0  # cached cells dropped to make room or overwritten, since start
         self._ticks = itertools.count()
 
     def has_free(self) -> bool:
@@ -92,7 +107,7 @@ class PrefixCache:
             return None
         if not self.enabled:
             return Placement(min(free, key=lambda s: s.seq_id), keep=0)
-        limit = len(tokens) - 1
+        limit = max(0, len(tokens) - MIN_COMPUTED)
         own = {s.seq_id: min(common_prefix(tokens, s.cached), limit) for s in free}
         source, best = None, 0
         for s in self.slots:
@@ -117,6 +132,19 @@ class PrefixCache:
             return Placement(target, keep=own[target.seq_id])
         return Placement(target, keep=best, copy_from=source)
 
+    def pending(self, tokens: Sequence[int], running_resident: Mapping[int, int]) -> int:
+        """The longest prefix of `tokens` that a running request is still computing: the
+        length it will be resident at once that request's prompt is done; 0 if none."""
+        limit = max(0, len(tokens) - MIN_COMPUTED)
+        longest = 0
+        for s in self.slots:
+            if s.owner is None or s.seq_id not in running_resident:
+                continue
+            match = min(common_prefix(tokens, s.owner.prompt_tokens), limit)
+            if running_resident[s.seq_id] < match:
+                longest = max(longest, match)
+        return longest
+
     def claim(self, placement: Placement, request: Request) -> list[KvOp]:
         """Give the slot to `request`; returns the KV ops that make its cells match."""
         slot = placement.slot
@@ -127,6 +155,7 @@ class PrefixCache:
         else:
             ops = []
         self.cells_cached -= len(slot.cached)
+        self.cells_evicted += len(slot.cached) - (0 if placement.copy_from else placement.keep)
         slot.cached = []
         slot.owner = request
         return ops
@@ -148,6 +177,7 @@ class PrefixCache:
             return None
         slot = min(cached, key=lambda s: s.last_used)
         self.cells_cached -= len(slot.cached)
+        self.cells_evicted += len(slot.cached)
         slot.cached = []
         return KvOp(slot.seq_id, keep=0)
 

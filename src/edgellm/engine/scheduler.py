@@ -8,7 +8,8 @@ Algorithm (one call to `schedule()` per engine step):
 2. Waiting requests are admitted in arrival order while there is a free sequence, token
    budget, and cells for their whole remaining prompt. The prefix cache (`prefix_cache.py`)
    picks the sequence and says how many leading tokens are already resident there; only the
-   rest is computed. A finished request's cells stay cached in its sequence.
+   rest is computed. A finished request's cells stay cached in its sequence. A request whose
+   long shared prefix another running request is still computing waits for it instead.
 3. Cells: with the split layout each sequence has its own stream of `seq_cells`, which
    admission guarantees is enough, so nothing else is needed. With one shared pool of `n_ctx`
    cells, cached cells count against the pool; when a step needs more cells than are free,
@@ -27,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from edgellm.engine.prefix_cache import Placement, PrefixCache
+from edgellm.engine.prefix_cache import WAIT_FOR, Placement, PrefixCache
 from edgellm.engine.request import Request, RequestStatus
 from edgellm.engine.runner import KvOp, ScheduledChunk, SchedulerOutput
 from edgellm.errors import ContextOverflow, QueueFull
@@ -49,6 +50,7 @@ class SchedulerStats:
     waiting: int
     cells_used: int  # cells of running requests
     cells_cached: int  # cells kept for reuse in free sequences
+    cells_evicted: int  # cached cells dropped or overwritten, since start
     n_ctx: int
     prompt_tokens_reused: int  # admitted tokens found resident, since start
     prompt_tokens_computed: int  # admitted tokens that had to be computed, since start
@@ -194,7 +196,7 @@ class Scheduler:
                 placement = self.cache.place(request.all_tokens, self._resident, copy=False)
                 if placement is not None and not self._room_to_admit(request, placement):
                     placement = None
-            if placement is None:
+            if placement is None or self._should_wait(request, placement):
                 break
             self._admit(request, placement)
             n = min(request.num_tokens - request.num_computed, budget)
@@ -222,6 +224,13 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    def _should_wait(self, request: Request, placement: Placement) -> bool:
+        """True when a running request is computing a longer shared prefix (prefix_cache.py)."""
+        if not self.config.prefix_cache:
+            return False
+        pending = self.cache.pending(request.all_tokens, self._resident)
+        return pending - placement.keep >= WAIT_FOR
 
     def _room_to_admit(self, request: Request, placement: Placement) -> bool:
         """Make room for the request's remaining tokens and its first sampled one, evicting
@@ -278,6 +287,7 @@ class Scheduler:
             waiting=len(self.waiting),
             cells_used=self.cells_used,
             cells_cached=self.cache.cells_cached,
+            cells_evicted=self.cache.cells_evicted,
             n_ctx=self.config.n_ctx,
             prompt_tokens_reused=self.tokens_reused,
             prompt_tokens_computed=self.tokens_computed,
