@@ -20,15 +20,17 @@ SYSTEM = (
     "garden supplies, plumbing parts, electrical parts, screws, nails and glue. Paint is in "
     "aisle 4, garden supplies in aisle 7, plumbing in aisle 9 and electrical in aisle 11. "
     "Opening hours are eight to six on weekdays and nine to four on Saturdays. "
-) * 2
+)
 CONVERSATIONS = [
     ["Where is the paint?", "Do you sell brushes too?", "And when do you close on Saturday?"],
     ["I need a new tap washer.", "Which aisle was that?", "Thanks. Do you have glue?"],
     ["Can I buy seeds here?", "What about a watering can?", "Are you open on Sunday?"],
 ]
 # Two sequences for three conversations: each turn some slot's cache must be evicted. Batches
-# under 64 rows and contexts under 512 cells keep llama.cpp's CPU kernels on one code path, so
-# equal tokens give bit-equal numbers however a prompt is cut (docs/engine.md, Determinism).
+# under 64 rows and sequences of at most 256 cells (llama.cpp pads the attention view to 256
+# cells; at 512 a lone decode takes another kernel) keep llama.cpp's CPU kernels on one code
+# path, so equal tokens give bit-equal numbers however a prompt is cut or batched
+# (docs/engine.md, Determinism). The longest conversation here stays near 230 cells.
 SMALL = ("--ctx", "2048", "--parallel", "2", "--batch", "63")
 
 
@@ -164,7 +166,7 @@ def test_aborting_a_request_that_shares_a_prefix_leaves_the_others_correct(
 def test_shared_pool_evicts_cached_cells_and_keeps_serving() -> None:
     """The shared layout counts cached cells against one small pool: serving three
     conversations through it needs evictions; every turn still completes."""
-    shared = ServerProcess("--ctx", "768", "--parallel", "2", "--kv-layout", "shared")
+    shared = ServerProcess("--ctx", "512", "--parallel", "2", "--kv-layout", "shared")
     try:
         results = run_async(shared, _conversations)
         assert all(text for c in results for text, _ in c)
