@@ -10,9 +10,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import ollama
+import openai
 import pytest
 
 from edgellm.modelfile import default_model_path
@@ -86,3 +89,18 @@ def server(model_path: Path) -> Iterator[ServerProcess]:
 
 
 MODEL_ID = "smollm2-135m-instruct"
+
+
+@contextmanager
+def openai_client(server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@contextmanager
+def ollama_client(server: ServerProcess) -> Iterator[ollama.Client]:
+    client = ollama.Client(host=server.base)
+    try:
+        yield client
+    finally:
+        client.close()

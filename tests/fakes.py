@@ -73,3 +73,6 @@ class ScriptedRunner:
 
     def is_eog(self, token: int) -> bool:
         return token == EOS
+
+    def grammar_error(self, grammar: str) -> str | None:
+        return "the scripted runner has no grammars"

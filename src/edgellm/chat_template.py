@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -57,6 +58,13 @@ class ChatTemplate:
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # variables the template reads from its context, e.g. "tools", "enable_thinking"
+        self.variables = frozenset(meta.find_undeclared_variables(env.parse(source)))
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders tool definitions itself."""
+        return "tools" in self.variables
 
     @classmethod
     def load(cls, source: str | None, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
@@ -72,10 +80,13 @@ class ChatTemplate:
             raise ModelFileError(f"the model's chat template cannot render a chat: {exc}") from exc
         return template
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """Render messages to the prompt text; template errors are the client's 400."""
+    def render(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        """Render messages to the prompt text; template errors are the client's 400. `extra`
+        goes to the template's context (tools, enable_thinking)."""
         try:
-            return self._render(messages, add_generation_prompt=add_generation_prompt)
+            return self._render(messages, add_generation_prompt=add_generation_prompt, **extra)
         except TemplateRaised as exc:
             raise ValidationError(
                 f"the model's chat template rejected the messages: {exc}", param="messages"
@@ -89,8 +100,11 @@ class ChatTemplate:
                 f"the chat template could not render these messages: {exc}", param="messages"
             ) from exc
 
-    def _render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+    def _render(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, **extra: Any
+    ) -> str:
         return self._template.render(
+            **extra,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,

@@ -7,7 +7,8 @@ from pathlib import Path
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Engine, SchedulerConfig
 from edgellm.modelfile import default_model_path, inspect_gguf
-from edgellm.server.models import ServedModel
+from edgellm.reasoning import detect_reasoning
+from edgellm.server.models import Embedder, ServedModel
 from edgellm.settings import EngineSettings, ServerSettings
 
 
@@ -37,10 +38,21 @@ def prepare_model(server: ServerSettings, engine: EngineSettings) -> ServedModel
     template = ChatTemplate.load(
         info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token
     )
-    return ServedModel(
+    served = ServedModel(
         model_id=server.model_id or info.model_id,
         info=info,
         template=template,
         engine=AsyncEngine(lambda: load_engine(path, engine)),
         max_tokens_default=server.max_tokens_default,
+        reasoning=detect_reasoning(info.chat_template, server.reasoning),
     )
+
+    def make_embedder() -> Embedder:
+        from edgellm.backends.llama_cpp import LlamaCppBackend
+
+        backend = served.engine.engine.runner
+        assert isinstance(backend, LlamaCppBackend)
+        return backend.embedder(engine.pooling, engine.threads)
+
+    served.make_embedder = make_embedder
+    return served

@@ -108,6 +108,10 @@ class EngineSettings(_LayerSettings):
         "shared: one pool any sequence may fill, for one long context among short ones.",
     )
     flash_attn: bool = Field(True, description="Use llama.cpp's flash attention kernels.")
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto",
+        description="Embedding pooling; auto: the model file's, else mean.",
+    )
     prefix_cache: bool = Field(
         True,
         description="Keep finished requests' KV cells and reuse the longest matching prefix "
@@ -133,3 +137,12 @@ class ServerSettings(_LayerSettings):
         description="max_tokens when a request omits it; default: the rest of the context.",
     )
     log_level: str = Field("info", description="uvicorn log level.")
+    reasoning: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Split <think> reasoning from answers; auto: when the chat template uses it.",
+    )
+    api_key: str | None = Field(
+        None,
+        description="When set, every API request must carry it (Authorization: Bearer KEY or "
+        "X-Api-Key: KEY).",
+    )

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import logging
 import random
 from pathlib import Path
 from typing import Any
 
 import llama_cpp as ll
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from edgellm.engine.request import SamplingParams
 from edgellm.engine.runner import KvOp, RunnerOutput, ScheduledChunk, SchedulerOutput
@@ -35,6 +37,12 @@ def _log_to_python(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
         log.log(logging.ERROR if level == _GGML_LOG_LEVEL_ERROR else logging.DEBUG, message)
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """GBNF for a JSON schema, by llama-cpp-python's port of llama.cpp's converter. Raises
+    AssertionError, KeyError, ... on schemas it cannot translate (edgellm.structured wraps it)."""
+    return str(json_schema_to_gbnf(json.dumps(schema)))
 
 
 @functools.cache
@@ -85,6 +93,7 @@ class LlamaCppBackend:
         self._batch = ll.llama_batch_init(settings.batch, 0, 1)
         self._samplers: dict[str, Any] = {}  # request_id -> llama_sampler chain
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._embedders: list[LlamaCppEmbedder] = []  # closed before the model is freed
 
     # -- Runner ------------------------------------------------------------------------------
 
@@ -152,6 +161,18 @@ class LlamaCppBackend:
     def _build_chain(self, s: SamplingParams) -> Any:
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = functools.partial(ll.llama_sampler_chain_add, chain)
+        if s.grammar is not None:
+            # first, so every later sampler only sees tokens the grammar allows
+            grammar = ll.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                raise EngineError("llama.cpp refused a grammar that passed its check")
+            add(grammar)
+        if s.logit_bias:
+            biases = (ll.llama_logit_bias * len(s.logit_bias))(
+                *(ll.llama_logit_bias(token, bias) for token, bias in s.logit_bias)
+            )
+            add(ll.llama_sampler_init_logit_bias(self.n_vocab, len(s.logit_bias), biases))
         if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
             add(
                 ll.llama_sampler_init_penalties(
@@ -176,10 +197,18 @@ class LlamaCppBackend:
         add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
+    def embedder(self, pooling: str, threads: int) -> LlamaCppEmbedder:
+        """A second context on the same weights, computing pooled embeddings."""
+        embedder = LlamaCppEmbedder(self._model, pooling, threads, self.n_ctx_train)
+        self._embedders.append(embedder)
+        return embedder
+
     def close(self) -> None:
         for sampler in self._samplers.values():
             ll.llama_sampler_free(sampler)
         self._samplers.clear()
+        for embedder in self._embedders:
+            embedder.close()
         if self._ctx:
             ll.llama_batch_free(self._batch)
             ll.llama_free(self._ctx)
@@ -213,5 +242,80 @@ class LlamaCppBackend:
             n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def grammar_error(self, grammar: str) -> str | None:
+        """None when llama.cpp compiles `grammar`; else why not (its log has the detail)."""
+        sampler = ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return "llama.cpp could not compile the grammar built from it"
+        ll.llama_sampler_free(sampler)
+        return None
+
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self._vocab, token))
+
+
+_POOLING = {
+    "mean": ll.LLAMA_POOLING_TYPE_MEAN,
+    "cls": ll.LLAMA_POOLING_TYPE_CLS,
+    "last": ll.LLAMA_POOLING_TYPE_LAST,
+}
+EMBED_CTX = 2048
+
+
+class LlamaCppEmbedder:
+    """Pooled sentence embeddings from a model: one input per `llama_decode`, its whole text
+    in one batch (pooling needs every token of a sequence together). Not thread-safe: the
+    caller serialises calls. The model is shared with the generating context."""
+
+    def __init__(self, model: Any, pooling: str, threads: int, n_ctx_train: int):
+        cparams = ll.llama_context_default_params()
+        n_ctx = min(EMBED_CTX, n_ctx_train) if n_ctx_train > 0 else EMBED_CTX
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.embeddings = True
+        cparams.no_perf = True
+        if pooling != "auto":
+            cparams.pooling_type = _POOLING[pooling]
+        ctx = ll.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise EngineError("llama.cpp could not create an embedding context")
+        if ll.llama_pooling_type(ctx) not in _POOLING.values():
+            # the GGUF names no usable pooling (a generative model): mean is the usual choice
+            ll.llama_free(ctx)
+            cparams.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
+            ctx = ll.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise EngineError("llama.cpp could not create an embedding context")
+        self._ctx = ctx
+        self.n_ctx = int(ll.llama_n_ctx(ctx))
+        self.n_embd = int(ll.llama_model_n_embd(model))
+        self.pooling = next(k for k, v in _POOLING.items() if v == ll.llama_pooling_type(ctx))
+        self._batch = ll.llama_batch_init(self.n_ctx, 0, 1)
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """The pooled, unnormalised embedding of one token sequence (1..n_ctx tokens)."""
+        if not 0 < len(tokens) <= self.n_ctx:
+            raise EngineError(f"an embedding input must be 1..{self.n_ctx} tokens")
+        batch = self._batch
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = len(tokens)
+        ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc}")
+        vector = ll.llama_get_embeddings_seq(self._ctx, 0)
+        if not vector:
+            raise EngineError("llama.cpp returned no embedding")
+        return [float(vector[i]) for i in range(self.n_embd)]
+
+    def close(self) -> None:
+        if self._ctx:
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            self._ctx = None

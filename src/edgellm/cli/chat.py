@@ -129,15 +129,19 @@ def _http_reply(client: httpx.AsyncClient, name: str, options: dict[str, Any]) -
 
 
 def _local_reply(served: Any, options: dict[str, Any]) -> Reply:
+    from edgellm.server.generation import Generation, Piece
+    from edgellm.server.openai import sampling_params
     from edgellm.server.wire import ChatCompletionRequest
 
     async def reply(history: list[dict[str, str]]) -> AsyncIterator[str]:
         body = ChatCompletionRequest.model_validate(
             {"model": served.model_id, "messages": history, **options}
         )
-        request = served.make_request(served.chat_prompt(body), body, "messages")
-        async for output in await served.engine.submit(request):
-            if output.text:
-                yield output.text
+        plan = served.plan_chat(list(history), include_reasoning=False)
+        sampling = sampling_params(body, None)
+        request = served.make_request(plan.prompt, sampling, body.token_limit, "messages")
+        async for event in Generation(await served.engine.submit(request), plan).events():
+            if isinstance(event, Piece) and event.content:
+                yield event.content
 
     return reply

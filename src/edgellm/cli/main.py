@@ -106,6 +106,19 @@ def serve(
         help="Reuse the KV cells of earlier requests' matching prefix [default: on].",
     ),
     model_id: str | None = typer.Option(None, help="Model name for clients [default: from file]."),
+    reasoning: str | None = typer.Option(
+        None,
+        help="auto|on|off: split <think> reasoning from answers; auto: when the chat template "
+        "uses it [default: auto].",
+    ),
+    pooling: str | None = typer.Option(
+        None, help="auto|mean|cls|last: embedding pooling; auto: the model file's, else mean."
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        envvar="EDGELLM_API_KEY",
+        help="Require this key (Authorization: Bearer KEY or X-Api-Key: KEY).",
+    ),
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     config: Path | None = typer.Option(None, help="TOML config file with [server] and [engine]."),
 ) -> None:
@@ -121,7 +134,13 @@ def serve(
     from edgellm.settings import EngineSettings, ServerSettings
 
     server_settings = ServerSettings.load(
-        config, model=model_path, host=host, port=port, model_id=model_id
+        config,
+        model=model_path,
+        host=host,
+        port=port,
+        model_id=model_id,
+        reasoning=reasoning,
+        api_key=api_key,
     )
     engine_settings = EngineSettings.load(
         config,
@@ -133,11 +152,12 @@ def serve(
         flash_attn=flash_attn,
         kv_layout=kv_layout,
         prefix_cache=prefix_cache,
+        pooling=pooling,
     )
-    if not _is_loopback(server_settings.host) and not insecure:
+    if not _is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
         raise EdgeLLMError(
             f"refusing to bind {server_settings.host} without API keys; "
-            "bind 127.0.0.1 or pass --insecure"
+            "bind 127.0.0.1, set --api-key, or pass --insecure"
         )
     model = prepare_model(server_settings, engine_settings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

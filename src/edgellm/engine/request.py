@@ -46,6 +46,8 @@ class SamplingParams:
     max_tokens: int = 16  # generated tokens, at most
     stop: tuple[str, ...] = ()  # strings that end generation; never shown to the client
     ignore_eos: bool = False
+    grammar: str | None = None  # GBNF (root rule "root") the output must follow
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(slots=True, eq=False)

@@ -8,13 +8,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from edgellm import __version__
 from edgellm.engine.engine import describe
+from edgellm.server.auth import ApiKeyAuth
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.limits import BodyLimit
 from edgellm.server.models import ModelTable, ServedModel
+from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
 from edgellm.settings import ServerSettings
 
@@ -37,6 +39,12 @@ def create_app(settings: ServerSettings, models: list[ServedModel]) -> FastAPI:
     app.state.models = ModelTable(models)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(ollama_router)
+
+    @app.get("/", response_class=PlainTextResponse)
+    async def root() -> str:
+        """What Ollama answers here; some clients probe it."""
+        return "edgellm is running"
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -66,4 +74,6 @@ def create_app(settings: ServerSettings, models: list[ServedModel]) -> FastAPI:
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     return app

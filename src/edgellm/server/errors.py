@@ -42,14 +42,43 @@ def envelope(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def error_response(exc: EdgeLLMError) -> JSONResponse:
+def ollama_envelope(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """Ollama's error shape, `{"error": "..."}`, which its clients read; the field is named
+    in the message."""
+    if param and not message.startswith(param):
+        message = f"{param}: {message}"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def is_ollama(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def reply(
+    request: Request,
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error in the shape of the API the request was for."""
+    if is_ollama(request.url.path):
+        return ollama_envelope(status, message, param, headers)
+    return envelope(status, message, error_type, param, code, headers)
+
+
+def error_response(request: Request, exc: EdgeLLMError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
     message = (
         exc.message
         if exc.status_code < 500 or exc.status_code == 503
         else ("internal server error")
     )
-    return envelope(exc.status_code, message, exc.error_type, exc.param, exc.code, headers)
+    return reply(request, exc.status_code, message, exc.error_type, exc.param, exc.code, headers)
 
 
 def param_from_loc(loc: Sequence[int | str]) -> str | None:
@@ -74,14 +103,14 @@ def _validation_message(err: dict[str, Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_edgellm(_: Request, exc: Exception) -> JSONResponse:
+    async def on_edgellm(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, EdgeLLMError):  # pragma: no cover - registered for this type
             raise exc
         if exc.status_code >= 500 and exc.status_code != 503:
             log.error("internal error: %s", exc.message)
-        return error_response(exc)
+        return error_response(request, exc)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
         first = errors[0] if errors else {}
         param = (
@@ -91,20 +120,20 @@ def install_error_handlers(app: FastAPI) -> None:
         if param:
             message = f"{param}: {message}"
         if first.get("type") == "json_invalid":
-            return envelope(400, message, "invalid_request_error", None, "invalid_json")
-        return envelope(400, message, "invalid_request_error", param, "invalid_value")
+            return reply(request, 400, message, "invalid_request_error", None, "invalid_json")
+        return reply(request, 400, message, "invalid_request_error", param, "invalid_value")
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
         message = detail if isinstance(detail, str) else "invalid request"
         if status == 400 and message == "There was an error parsing the body":
             message = "the request body could not be read (is it UTF-8 JSON?)"
-        return envelope(status, message, _HTTP_TYPES.get(status, "invalid_request_error"))
+        return reply(request, status, message, _HTTP_TYPES.get(status, "invalid_request_error"))
 
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return envelope(500, "internal server error", "server_error")
+        return reply(request, 500, "internal server error", "server_error")
 
     app.add_exception_handler(EdgeLLMError, on_edgellm)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware capping the request body size before anything parses it."""
+"""Pure ASGI middleware capping the request body size before anything parses it, and reading
+every POST body as JSON whatever its content type says."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("method") == "POST":
+            # every body here is JSON; `curl -d` (Ollama's own examples) labels it a form
+            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._reject(send)

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Request, SamplingParams, Tokenizer
 from edgellm.errors import ContextOverflow, ModelNotFound, NotReady, ValidationError
 from edgellm.modelfile import ModelInfo
-from edgellm.server.wire import ChatCompletionRequest, CompletionRequest
+from edgellm.reasoning import ReasoningFormat, opens_reasoning
+from edgellm.structured import tool_call_grammar
+from edgellm.tools import Tool, fallback_instructions, render_call
+
+
+class Embedder(Protocol):
+    n_ctx: int  # most tokens per input
+
+    def embed(self, tokens: list[int]) -> list[float]: ...
+
+
+@dataclass(slots=True)
+class ChatPlan:
+    """A rendered chat and how to read the model's answer to it."""
+
+    prompt: list[int]
+    grammar: str | None
+    tools: list[Tool]  # tools whose calls are parsed out of the answer
+    reasoning: ReasoningFormat | None
+    in_reasoning: bool  # the prompt ends inside an opened reasoning block
+    include_reasoning: bool  # whether the client gets the reasoning
+    param: str  # the request field the prompt came from, for errors
 
 
 @dataclass(slots=True)
@@ -21,7 +46,42 @@ class ServedModel:
     template: ChatTemplate
     engine: AsyncEngine
     max_tokens_default: int | None = None  # when a request omits max_tokens; None: rest of ctx
+    reasoning: ReasoningFormat | None = None  # how the model marks its thinking; None: it does not
     created: int = field(default_factory=lambda: int(time.time()))
+    make_embedder: Callable[[], Embedder] | None = None  # built on first use
+    _embedder: Embedder | None = None
+    _embed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def embed(
+        self, texts: list[str], *, truncate: bool, param: str
+    ) -> tuple[list[list[float]], int]:
+        """Pooled embeddings of `texts` (unnormalised) and the tokens they took."""
+        return await asyncio.to_thread(self._embed, texts, truncate, param)
+
+    def _embed(self, texts: list[str], truncate: bool, param: str) -> tuple[list[list[float]], int]:
+        if self.make_embedder is None:
+            raise ValidationError(f"the model '{self.model_id}' has no embeddings", param="model")
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = self.make_embedder()
+            embedder = self._embedder
+            vectors, total = [], 0
+            for i, text in enumerate(texts):
+                where = f"{param}[{i}]" if len(texts) > 1 else param
+                tokens = self.tokenizer.tokenize(text, add_special=True, parse_special=False)
+                if not text or not tokens:
+                    raise ValidationError("an embedding input is empty", param=where)
+                if len(tokens) > embedder.n_ctx:
+                    if not truncate:
+                        raise ContextOverflow(
+                            f"the input is {len(tokens)} tokens; embeddings take at most "
+                            f"{embedder.n_ctx}",
+                            param=where,
+                        )
+                    tokens = tokens[: embedder.n_ctx]
+                vectors.append(embedder.embed(tokens))
+                total += len(tokens)
+        return vectors, total
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -29,25 +89,109 @@ class ServedModel:
 
     @property
     def n_ctx(self) -> int:
-        return self.engine.engine.scheduler.config.n_ctx
+        """The most cells one request can hold (its own stream in the split layout)."""
+        config = self.engine.engine.scheduler.config
+        return config.seq_cells or config.n_ctx
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        messages = [
-            {
-                "role": "system" if m.role == "developer" else m.role,
-                "content": m.text(),
-                **({"name": m.name} if m.name else {}),
-            }
-            for m in body.messages
-        ]
-        text = self.template.render(messages, add_generation_prompt=True)
+    def plan_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[Tool] | None = None,
+        tool_choice: str = "auto",
+        grammar: str | None = None,
+        think: bool | None = None,
+        include_reasoning: bool = True,
+        param: str = "messages",
+    ) -> ChatPlan:
+        """Render a chat for this model and decide how its output is taken apart.
+
+        `messages` are dicts with role, content (str) and optionally tool_calls
+        ([{"id", "name", "arguments"}]), tool_call_id and name. `tool_choice` is "auto",
+        "none", "required" or a tool's name; "required" and a name force one call by grammar.
+        """
+        if think and self.reasoning is None:
+            raise ValidationError(
+                f"the model '{self.model_id}' does not reason; `think` needs a reasoning model",
+                param="think",
+            )
+        tools = list(tools or [])
+        if tool_choice == "none":
+            tools = []
+        elif tool_choice not in ("auto", "required"):
+            tools = [t for t in tools if t.name == tool_choice]
+            if not tools:
+                raise ValidationError(
+                    f"tool_choice names '{tool_choice}', which is not among the tools",
+                    param="tool_choice",
+                )
+        if len({t.name for t in tools}) != len(tools):
+            raise ValidationError("two tools have the same name", param="tools")
+        if tools and tool_choice != "auto":
+            if grammar is not None:
+                raise ValidationError(
+                    "a structured output format cannot be combined with a forced tool call",
+                    param="tool_choice",
+                )
+            grammar = tool_call_grammar([(t.name, t.parameters) for t in tools], "tools")
+        if grammar is not None:
+            reason = self.tokenizer.grammar_error(grammar)
+            if reason is not None:
+                raise ValidationError(reason, param="tools" if tools else "response_format")
+        text = self._render(messages, tools, think)
         bos = self.template.bos_token
-        return self.tokenizer.tokenize(
+        prompt = self.tokenizer.tokenize(
             text, add_special=not (bos and text.startswith(bos)), parse_special=True
         )
+        in_reasoning = self.reasoning is not None and opens_reasoning(text, self.reasoning)
+        return ChatPlan(
+            prompt=prompt,
+            grammar=grammar,
+            tools=tools,
+            reasoning=self.reasoning,
+            in_reasoning=in_reasoning,
+            include_reasoning=include_reasoning and think is not False,
+            param=param,
+        )
 
-    def completion_prompt(self, body: CompletionRequest) -> list[int]:
-        prompt: object = body.prompt
+    def _render(self, messages: list[dict[str, Any]], tools: list[Tool], think: bool | None) -> str:
+        native = self.template.supports_tools
+        rendered = []
+        for m in messages:
+            role = "system" if m["role"] == "developer" else m["role"]
+            out: dict[str, Any] = {"role": role, "content": m.get("content") or ""}
+            for key in ("name", "tool_call_id"):
+                if m.get(key):
+                    out[key] = m[key]
+            calls = m.get("tool_calls") or []
+            if calls and native:
+                out["tool_calls"] = [
+                    {
+                        "id": c.get("id"),
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in calls
+                ]
+            elif calls:
+                out["content"] += "".join(
+                    render_call({"name": c["name"], "arguments": c["arguments"]}) for c in calls
+                )
+            rendered.append(out)
+        extra: dict[str, Any] = {}
+        if tools and native:
+            extra["tools"] = [t.as_openai() for t in tools]
+        elif tools:
+            instructions = fallback_instructions(tools)
+            if rendered and rendered[0]["role"] == "system":
+                rendered[0]["content"] = f"{rendered[0]['content']}\n\n{instructions}"
+            else:
+                rendered.insert(0, {"role": "system", "content": instructions})
+        if think is not None:
+            extra["enable_thinking"] = think
+        return self.template.render(rendered, add_generation_prompt=True, **extra)
+
+    def completion_prompt(self, prompt: object) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = [t for t in prompt if isinstance(t, int)]
             bad = next((t for t in tokens if not 0 <= t < self.tokenizer.n_vocab), None)
@@ -63,10 +207,19 @@ class ServedModel:
         return self.tokenizer.tokenize(prompt, add_special=True, parse_special=True)
 
     def make_request(
-        self, prompt: list[int], body: ChatCompletionRequest | CompletionRequest, prompt_param: str
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        limit: int | None,
+        prompt_param: str,
+        n_ctx: int | None = None,
     ) -> Request:
-        n_ctx = self.n_ctx
-        limit = body.token_limit
+        """An engine request: `limit` tokens at most (None: the rest of the context), within
+        `n_ctx` (a client's smaller context, as Ollama's num_ctx) or the model's."""
+        bad = next((t for t, _ in sampling.logit_bias if t >= self.tokenizer.n_vocab), None)
+        if bad is not None:
+            raise ValidationError(f"token id {bad} is outside the vocabulary", param="logit_bias")
+        n_ctx = min(n_ctx or self.n_ctx, self.n_ctx)
         if limit is None:
             limit = max(1, n_ctx - len(prompt))
             if self.max_tokens_default is not None:
@@ -76,20 +229,8 @@ class ServedModel:
                 f"the prompt is {len(prompt)} tokens; the context is {n_ctx} tokens",
                 param=prompt_param,
             )
-        seed = None if body.seed is None else body.seed & 0xFFFFFFFF
-        sampling = SamplingParams(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            seed=seed,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repeat_penalty=body.repeat_penalty,
-            max_tokens=limit,
-            stop=body.stop_strings(),
-            ignore_eos=body.ignore_eos,
-        )
+        limit = min(limit, n_ctx - len(prompt)) if n_ctx < self.n_ctx else limit
+        sampling = dataclasses.replace(sampling, max_tokens=limit)
         return Request(uuid.uuid4().hex, prompt, sampling, arrival_time=time.monotonic())
 
 
@@ -102,6 +243,8 @@ class ModelTable:
 
     def get(self, model_id: str) -> ServedModel:
         model = self._models.get(model_id)
+        if model is None and model_id.endswith(":latest"):  # Ollama clients add the tag
+            model = self._models.get(model_id.removesuffix(":latest"))
         if model is None:
             raise ModelNotFound(model_id)
         if not model.engine.ready:

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import json
+import math
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from edgellm.engine import RequestOutput, RequestStream
+from edgellm.engine import Request as EngineRequest
+from edgellm.engine import RequestOutput, RequestStream, SamplingParams
 from edgellm.errors import ContextOverflow, EngineError, ValidationError
-from edgellm.server.models import ModelTable, ServedModel
-from edgellm.server.wire import ChatCompletionRequest, CompletionRequest, model_card, usage
+from edgellm.server.generation import Collected, Generation, Piece, unless_disconnected
+from edgellm.server.models import ChatPlan, ModelTable, ServedModel
+from edgellm.server.wire import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponseFormat,
+    model_card,
+    usage,
+)
+from edgellm.structured import json_object_grammar, schema_grammar
+from edgellm.tools import ToolCall
 
 router = APIRouter(prefix="/v1")
+
+MAX_EMBED_INPUTS = 2048
 
 
 def _models(request: Request) -> ModelTable:
@@ -37,38 +52,41 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     return model_card(model.model_id, model.created)
 
 
-@dataclass(slots=True)
-class _Completion:
-    """How one endpoint shapes its responses; chat and text completions differ only here."""
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    model = _models(request).get(body.model)
+    if body.dimensions is not None:
+        raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
+    if isinstance(body.input, str):
+        texts = [body.input]
+    elif all(isinstance(x, str) for x in body.input):
+        texts = [x for x in body.input if isinstance(x, str)]
+    else:
+        raise ValidationError("token id inputs are not supported; send text", param="input")
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise ValidationError(f"at most {MAX_EMBED_INPUTS} inputs per request", param="input")
+    vectors, n_tokens = await model.embed(texts, truncate=False, param="input")
+    data = []
+    for i, vector in enumerate(vectors):
+        unit = normalised(vector)
+        encoded: list[float] | str = (
+            base64.b64encode(struct.pack(f"<{len(unit)}f", *unit)).decode()
+            if body.encoding_format == "base64"
+            else unit
+        )
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model.model_id,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }
 
-    id_prefix: str
-    object_name: str  # of whole responses
-    chunk_object: str  # of stream chunks
-    choice: Callable[[str, str | None], dict[str, Any]]  # (text, finish_reason) -> whole choice
-    delta: Callable[[str, bool], dict[str, Any]]  # (text, first) -> stream choice body
 
-
-_CHAT = _Completion(
-    "chatcmpl-",
-    "chat.completion",
-    "chat.completion.chunk",
-    choice=lambda text, fr: {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": fr,
-    },
-    delta=lambda text, first: {
-        "delta": {"role": "assistant", "content": text} if first else {"content": text}
-    },
-)
-_TEXT = _Completion(
-    "cmpl-",
-    "text_completion",
-    "text_completion",
-    choice=lambda text, fr: {"index": 0, "text": text, "logprobs": None, "finish_reason": fr},
-    delta=lambda text, _first: {"text": text},
-)
+def normalised(vector: list[float]) -> list[float]:
+    """Unit length, as OpenAI's and Ollama's /api/embed vectors are."""
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -78,14 +96,86 @@ def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise ValidationError("logprobs are not supported yet", param="logprobs")
 
 
+def sampling_params(
+    body: ChatCompletionRequest | CompletionRequest, grammar: str | None
+) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=None if body.seed is None else body.seed & 0xFFFFFFFF,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=body.repeat_penalty,
+        stop=body.stop_strings(),
+        ignore_eos=body.ignore_eos,
+        grammar=grammar,
+        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+    )
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Wire messages as `ServedModel.plan_chat` takes them."""
+    out = []
+    for i, m in enumerate(messages):
+        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "name": c.function.name,
+                    "arguments": c.function.argument_dict(
+                        f"messages[{i}].tool_calls[{j}].function.arguments"
+                    ),
+                }
+                for j, c in enumerate(m.tool_calls)
+            ]
+        out.append(d)
+    return out
+
+
+def _response_grammar(fmt: ResponseFormat | None) -> str | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_object_grammar()
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise ValidationError(
+            "json_schema.schema is required with type json_schema",
+            param="response_format.json_schema.schema",
+        )
+    return schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def _tool_choice(body: ChatCompletionRequest) -> str:
+    choice = body.tool_choice
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
+    return choice.function.name
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> JSONResponse | StreamingResponse:
     _check_supported(body)
     model = _models(request).get(body.model)
-    prompt = model.chat_prompt(body)
-    return await _run(request, model, body, prompt, "messages", _CHAT)
+    plan = model.plan_chat(
+        message_dicts(body.messages),
+        tools=[t.tool() for t in body.tools or []],
+        tool_choice=_tool_choice(body),
+        grammar=_response_grammar(body.response_format),
+        think=body.think,
+        include_reasoning=body.include_reasoning,
+    )
+    return await _run(request, model, body, plan.prompt, plan)
 
 
 @router.post("/completions", response_model=None)
@@ -96,8 +186,20 @@ async def completions(
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")
     model = _models(request).get(body.model)
-    prompt = model.completion_prompt(body)
-    return await _run(request, model, body, prompt, "prompt", _TEXT)
+    prompt = model.completion_prompt(body.prompt)
+    return await _run(request, model, body, prompt, None)
+
+
+async def submit(
+    model: ServedModel, engine_request: EngineRequest, prompt_param: str
+) -> RequestStream:
+    """Queue a request, naming the client's field when its prompt does not fit."""
+    try:
+        return await model.engine.submit(engine_request)
+    except ContextOverflow as exc:
+        if exc.param == "prompt":
+            exc.param = prompt_param
+        raise
 
 
 async def _run(
@@ -105,73 +207,74 @@ async def _run(
     model: ServedModel,
     body: ChatCompletionRequest | CompletionRequest,
     prompt: list[int],
-    prompt_param: str,
-    shape: _Completion,
+    plan: ChatPlan | None,
 ) -> JSONResponse | StreamingResponse:
-    engine_request = model.make_request(prompt, body, prompt_param)
-    try:
-        stream = await model.engine.submit(engine_request)
-    except ContextOverflow as exc:
-        if exc.param == "prompt":
-            exc.param = prompt_param
-        raise
+    prompt_param = "messages" if plan is not None else "prompt"
+    sampling = sampling_params(body, plan.grammar if plan is not None else None)
+    engine_request = model.make_request(prompt, sampling, body.token_limit, prompt_param)
+    stream = await submit(model, engine_request, prompt_param)
+    generation = Generation(stream, plan)
+    chat = plan is not None
     meta = {
-        "id": shape.id_prefix + uuid.uuid4().hex,
+        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
         "created": int(time.time()),
         "model": model.model_id,
     }
     if body.stream:
         return StreamingResponse(
-            _sse(stream, meta, shape, body.include_usage),
+            _sse(generation, meta, chat, body.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text, last = await _collect_unless_disconnected(request, stream)
+    done = await unless_disconnected(request, stream, generation.collect)
+    final = done.final
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "message": _message(done, plan), "logprobs": None}
+    else:
+        choice = {"index": 0, "text": done.content, "logprobs": None}
+    choice["finish_reason"] = final.finish_reason
     return JSONResponse(
         {
             **meta,
-            "object": shape.object_name,
+            "object": "chat.completion" if chat else "text_completion",
             "system_fingerprint": None,
-            "choices": [shape.choice(text, last.finish_reason)],
-            "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+            "choices": [choice],
+            "usage": _usage(final.output),
         }
     )
 
 
-async def _collect(stream: RequestStream) -> tuple[str, RequestOutput]:
-    parts = []
-    last: RequestOutput | None = None
-    async for output in stream:
-        if output.error:
-            raise EngineError(output.error)
-        parts.append(output.text)
-        last = output
-    if last is None:  # pragma: no cover - a finished stream always yields a final output
-        raise EngineError("the request ended without output")
-    return "".join(parts), last
+def _usage(output: RequestOutput) -> dict[str, Any]:
+    return usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens)
 
 
-async def _collect_unless_disconnected(
-    request: Request, stream: RequestStream
-) -> tuple[str, RequestOutput]:
-    """Await the whole completion, aborting it if the client goes away first."""
-    work = asyncio.ensure_future(_collect(stream))
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            stream.abort()
-    if work.cancelled():
-        raise asyncio.CancelledError  # the client is gone; nothing to answer
-    return work.result()
+def _reasoning_fields(plan: ChatPlan | None, text: str) -> dict[str, Any]:
+    """`reasoning_content` (DeepSeek's name) and `reasoning` (vLLM's, OpenRouter's)."""
+    if plan is None or plan.reasoning is None or not plan.include_reasoning or not text:
+        return {}
+    return {"reasoning_content": text, "reasoning": text}
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def _message(done: Collected, plan: ChatPlan | None) -> dict[str, Any]:
+    calls = done.final.tool_calls
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": done.content if done.content or not calls else None,
+        **_reasoning_fields(plan, done.reasoning),
+    }
+    if calls:
+        message["tool_calls"] = [_tool_call(c) for c in calls]
+    return message
+
+
+def _tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out |= {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
+    return out
 
 
 def _sse_event(data: dict[str, Any]) -> bytes:
@@ -181,51 +284,44 @@ def _sse_event(data: dict[str, Any]) -> bytes:
 
 
 async def _sse(
-    stream: RequestStream, meta: dict[str, Any], shape: _Completion, include_usage: bool
+    generation: Generation, meta: dict[str, Any], chat: bool, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    base = {**meta, "object": shape.chunk_object, "system_fingerprint": None}
+    base = {
+        **meta,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "system_fingerprint": None,
+    }
     if include_usage:
         base["usage"] = None
+    plan = generation.plan
 
-    def chunk(text: str, first: bool, finish_reason: str | None) -> bytes:
-        choice = {
-            "index": 0,
-            **shape.delta(text, first),
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        body = delta if not chat else {"delta": delta}
+        choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
         return _sse_event({**base, "choices": [choice]})
 
-    first = True
     try:
-        async for output in stream:
-            if output.error:
-                yield _sse_event(
-                    {
-                        "error": {
-                            "message": output.error,
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
-                break
-            if output.text or first:
-                yield chunk(output.text, first, None)
-                first = False
-            if output.finished:
-                yield chunk("", False, output.finish_reason)
-                if include_usage:
-                    yield _sse_event(
-                        {
-                            **base,
-                            "choices": [],
-                            "usage": usage(
-                                output.prompt_tokens, output.completion_tokens, output.cached_tokens
-                            ),
-                        }
-                    )
-        yield b"data: [DONE]\n\n"
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        async for event in generation.events():
+            if isinstance(event, Piece):
+                if chat:
+                    delta = _reasoning_fields(plan, event.reasoning)
+                    if event.content:
+                        delta["content"] = event.content
+                    yield chunk(delta)
+                else:
+                    yield chunk({"text": event.content})
+                continue
+            if event.tool_calls:
+                calls = [_tool_call(c, i) for i, c in enumerate(event.tool_calls)]
+                yield chunk({"tool_calls": calls})
+            yield chunk({} if chat else {"text": ""}, event.finish_reason)
+            if include_usage:
+                yield _sse_event({**base, "choices": [], "usage": _usage(event.output)})
+    except EngineError as exc:
+        error = {"message": exc.message, "type": "server_error", "param": None, "code": None}
+        yield _sse_event({"error": error})
     finally:
-        stream.abort()  # no-op when finished; frees the sequence when the client left early
+        generation.stream.abort()  # no-op when finished; frees the sequence when the client left
+    yield b"data: [DONE]\n\n"

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgellm.errors import ValidationError
+from edgellm.tools import Tool
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1 << 24  # far beyond any context; the context check gives the real bound
 
 
-class _Wire(BaseModel):
+def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    for token, bias in (value or {}).items():
+        if not token.isdigit():
+            raise ValueError(f"keys are token ids, not {token!r}")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError("biases are between -100 and 100")
+    return value
+
+
+class Wire(BaseModel):
+    """Base of request bodies: unknown fields are accepted and ignored, as peers do."""
+
     model_config = ConfigDict(extra="allow")
 
 
-class TextPart(_Wire):
+class TextPart(Wire):
     type: Literal["text"]
     text: str
 
@@ -23,10 +38,34 @@ class TextPart(_Wire):
 ContentPart = Annotated[TextPart, Field(discriminator="type")]
 
 
-class ChatMessage(_Wire):
+class FunctionCall(Wire):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; Ollama an object
+
+    def argument_dict(self, param: str) -> dict[str, Any]:
+        if isinstance(self.arguments, dict):
+            return self.arguments
+        try:
+            value = json.loads(self.arguments or "{}")
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValidationError("arguments must be a JSON object", param=param)
+        return value
+
+
+class MessageToolCall(Wire):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -36,11 +75,46 @@ class ChatMessage(_Wire):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(_Wire):
+class FunctionDef(Wire):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class ToolDef(Wire):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+    def tool(self) -> Tool:
+        f = self.function
+        return Tool(f.name, f.description, f.parameters)
+
+
+class NamedFunction(Wire):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(Wire):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Wire):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(Wire):
     include_usage: bool = False
 
 
-class _SamplingFields(_Wire):
+class _SamplingFields(Wire):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -58,6 +132,9 @@ class _SamplingFields(_Wire):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="edgellm extension, for benchmarks")
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+
+    _check_bias = field_validator("logit_bias")(check_logit_bias)
 
     @field_validator("stop")
     @classmethod
@@ -82,6 +159,12 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; at most one call per turn is forced
+    response_format: ResponseFormat | None = None
+    include_reasoning: bool = Field(True, description="edgellm/vLLM extension")
+    think: bool | None = Field(None, description="edgellm extension, as Ollama's `think`")
 
     @property
     def token_limit(self) -> int | None:
@@ -116,3 +199,11 @@ def model_card(model_id: str, created: int, extra: dict[str, Any] | None = None)
         "owned_by": "edgellm",
         **(extra or {}),
     }
+
+
+class EmbeddingRequest(Wire):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
