@@ -282,3 +282,13 @@ def test_queue_full_gets_503_with_retry_after(model_path) -> None:  # type: igno
             assert [f.result().status_code for f in first] == [200, 200]
     finally:
         small.stop()
+
+
+def test_omitting_max_tokens_uses_the_rest_of_the_sequence(client: openai.OpenAI) -> None:
+    """With the split layout a request owns ctx/parallel cells; an omitted max_tokens must
+    fit in them (clients such as Cherry Studio often omit it)."""
+    reply = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Say hi."}]
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0

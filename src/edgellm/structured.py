@@ -42,9 +42,72 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
     return schema
 
 
+# Validation keywords the converter does not enforce: a schema using them is refused rather
+# than answered with documents that may not validate.
+UNENFORCED = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+        "not",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "contains",
+        "minContains",
+        "maxContains",
+        "patternProperties",
+        "propertyNames",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+    }
+)
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("oneOf", "anyOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties")
+
+
+def unenforced_keyword(schema: Any, path: str = "") -> str | None:
+    """The path of the first keyword in `schema` that grammars cannot enforce, if any."""
+    if not isinstance(schema, dict):
+        return None
+    for key in schema:
+        if key in UNENFORCED:
+            return f"{path}/{key}" if path else key
+    children: list[tuple[str, Any]] = []
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            children += [(f"{key}/{name}", sub) for name, sub in schema[key].items()]
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            children += [(f"{key}/{i}", sub) for i, sub in enumerate(schema[key])]
+    children += [(key, schema[key]) for key in _SUBSCHEMAS if key in schema]
+    for where, sub in children:
+        found = unenforced_keyword(sub, f"{path}/{where}" if path else where)
+        if found:
+            return found
+    return None
+
+
 def schema_grammar(schema: Any, param: str) -> str:
     """GBNF accepting exactly the JSON documents valid under `schema` (root rule `root`)."""
     check_schema(schema, param)
+    unenforced = unenforced_keyword(schema)
+    if unenforced is not None:
+        raise ValidationError(
+            f"{param}: '{unenforced}' cannot be enforced while generating; supported are "
+            "type, properties, required, additionalProperties, items, prefixItems, "
+            "minItems, maxItems, enum, const, minLength, maxLength, pattern, oneOf, anyOf, "
+            "allOf and $ref",
+            param=param,
+        )
     try:
         grammar = json_schema_grammar(schema)
     except (AssertionError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
