@@ -10,6 +10,9 @@ from pathlib import Path
 
 import gguf
 
+from edgellm.compress.convert import copy_metadata
+from tests.gguf_tools import write_tensors
+
 # R1's conversation format (written for these tests): system text first, user and assistant
 # turns marked by R1's markers, earlier answers stripped of their reasoning, and `<think>`
 # opened at the start of the answer when `open_think` is set (R1's later templates do this).
@@ -35,35 +38,20 @@ def r1_template(open_think: bool) -> str:
 
 def write_r1_model(source: Path, dest: Path, *, open_think: bool = True) -> Path:
     reader = gguf.GGUFReader(source, "r")
-    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    writer = gguf.GGUFWriter(dest, arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if field.name == gguf.Keys.Tokenizer.CHAT_TEMPLATE:
-            value = r1_template(open_think)
-        elif field.name == gguf.Keys.Tokenizer.LIST:
-            value = [THINK_IDS.get(i, text) for i, text in enumerate(value)]
-        elif field.name == gguf.Keys.Tokenizer.TOKEN_TYPE:
-            value = [
+    writer = gguf.GGUFWriter(dest, str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents()))
+    tokens = reader.fields[gguf.Keys.Tokenizer.LIST].contents()
+    kinds = reader.fields[gguf.Keys.Tokenizer.TOKEN_TYPE].contents()
+    copy_metadata(
+        reader,
+        writer,
+        {
+            gguf.Keys.Tokenizer.CHAT_TEMPLATE: r1_template(open_think),
+            gguf.Keys.Tokenizer.LIST: [THINK_IDS.get(i, text) for i, text in enumerate(tokens)],
+            gguf.Keys.Tokenizer.TOKEN_TYPE: [
                 gguf.TokenType.USER_DEFINED if i in THINK_IDS else kind
-                for i, kind in enumerate(value)
-            ]
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(
-            tensor.name,
-            tensor.data.shape,
-            tensor.data.dtype,
-            tensor.data.nbytes,
-            tensor.tensor_type,
-        )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
+                for i, kind in enumerate(kinds)
+            ],
+        },
+    )
+    write_tensors(writer, [(t, t.data) for t in reader.tensors])
     return dest

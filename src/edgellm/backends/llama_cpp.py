@@ -219,19 +219,7 @@ class LlamaCppBackend:
     # -- Tokenizer ---------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (ll.llama_token * capacity)()
-        n = ll.llama_tokenize(
-            self._vocab, data, len(data), buf, capacity, add_special, parse_special
-        )
-        if n < 0:  # buffer too small: -n is the size needed
-            capacity = -n
-            buf = (ll.llama_token * capacity)()
-            n = ll.llama_tokenize(
-                self._vocab, data, len(data), buf, capacity, add_special, parse_special
-            )
-        return list(buf[:n])
+        return _tokenize(self._vocab, text, add_special, parse_special)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one backend per process lifetime
     def token_to_piece(self, token: int) -> bytes:
@@ -319,3 +307,242 @@ class LlamaCppEmbedder:
             ll.llama_batch_free(self._batch)
             ll.llama_free(self._ctx)
             self._ctx = None
+
+
+# -- Offline tools: scoring windows, importance matrices, quantization ---------------------------
+
+
+class _GgmlTensor(ctypes.Structure):
+    """`struct ggml_tensor` of the vendored ggml (336 bytes; checked at first use)."""
+
+
+_GgmlTensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * 4),  # elements per dimension, innermost first
+    ("nb", ctypes.c_size_t * 4),  # stride in bytes per dimension
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * 16),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(_GgmlTensor) * 10),
+    ("view_src", ctypes.POINTER(_GgmlTensor)),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * 64),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
+_GGML_TYPE_F32 = 0
+_GGML_OBJECT_SIZE = 32  # ggml_tensor_overhead() = sizeof(ggml_object) + sizeof(ggml_tensor)
+
+
+@functools.cache
+def _ggml() -> Any:
+    from llama_cpp import _ggml as ggml_lib
+
+    lib = ggml_lib.libggml
+    lib.ggml_op_name.restype = ctypes.c_char_p
+    lib.ggml_op_name.argtypes = [ctypes.c_int]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+    ]
+    lib.ggml_tensor_overhead.restype = ctypes.c_size_t
+    if lib.ggml_tensor_overhead() != _GGML_OBJECT_SIZE + ctypes.sizeof(_GgmlTensor):
+        raise EngineError("this llama.cpp build's ggml_tensor layout is not the one edgellm reads")
+    return lib
+
+
+class ImatrixCollector:
+    """Sums of squared activations entering each weight matrix (llama.cpp's importance
+    matrix): for `blk.*` weights W used as `W @ x`, in_sum2[j] = sum over tokens of x_j^2.
+    Installed as a context's eval callback; dense matrix products only (no MoE experts)."""
+
+    def __init__(self) -> None:
+        self.in_sum2: dict[str, Any] = {}  # weight name -> float64 [n_in]
+        self.counts: dict[str, int] = {}  # weight name -> activation rows summed
+        self.callback = ll.ggml_backend_sched_eval_callback(self._observe)
+        self._lib = _ggml()
+        self._mul_mat: int | None = None
+
+    def _wanted(self, t: _GgmlTensor) -> str | None:
+        if self._mul_mat is None:
+            if self._lib.ggml_op_name(t.op) != b"MUL_MAT":
+                return None
+            self._mul_mat = t.op
+        elif t.op != self._mul_mat:
+            return None
+        weight, x = t.src[0], t.src[1]
+        if not weight or not x or x.contents.type != _GGML_TYPE_F32:
+            return None
+        name = str(weight.contents.name.decode(errors="replace"))
+        if not name.startswith("blk.") or ".weight" not in name:
+            return None
+        return name[: name.index(".weight") + len(".weight")]
+
+    def _observe(self, tensor: Any, ask: bool, _user_data: Any) -> bool:
+        t = ctypes.cast(tensor, ctypes.POINTER(_GgmlTensor)).contents
+        name = self._wanted(t)
+        if ask or name is None:
+            return name is not None
+        import numpy as np
+
+        x = t.src[1].contents
+        n_in = int(x.ne[0])
+        rows = int(x.ne[1] * x.ne[2] * x.ne[3])
+        if x.nb[0] != 4 or x.nb[1] != 4 * n_in or x.nb[2] != x.nb[1] * x.ne[1]:
+            return True  # a strided view: llama models do not feed weights these
+        # x: [rows, n_in] float32; copied out through ggml so GPU buffers work too
+        values = np.empty((rows, n_in), dtype=np.float32)
+        self._lib.ggml_backend_tensor_get(ctypes.addressof(x), values.ctypes.data, 0, values.nbytes)
+        sums = np.einsum("ij,ij->j", values, values, dtype=np.float64)
+        if name in self.in_sum2:
+            self.in_sum2[name] += sums
+        else:
+            self.in_sum2[name] = sums
+        self.counts[name] = self.counts.get(name, 0) + rows
+        return True
+
+
+class LlamaCppScorer:
+    """One model with a single-sequence context, for evaluation: the logits of every position
+    of a token window, and a short greedy decode to time."""
+
+    def __init__(
+        self, path: Path, n_ctx: int, threads: int, collector: ImatrixCollector | None = None
+    ):
+        inspect_gguf(path)
+        _init_llama()
+        model = ll.llama_model_load_from_file(str(path).encode(), ll.llama_model_default_params())
+        if not model:
+            raise ModelFileError(f"llama.cpp could not load {path}")
+        self._model = model
+        self._vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+        self.bos = int(ll.llama_vocab_bos(self._vocab))
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = n_ctx
+        cparams.n_ubatch = min(n_ctx, 512)
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        if collector is not None:
+            cparams.cb_eval = collector.callback
+        self._collector = collector  # the callback must outlive the context
+        ctx = ll.llama_init_from_model(model, cparams)
+        if not ctx:
+            ll.llama_model_free(model)
+            raise EngineError(f"llama.cpp could not create a context of {n_ctx} cells")
+        self._ctx = ctx
+        self.n_ctx = n_ctx
+        self._batch = ll.llama_batch_init(n_ctx, 0, 1)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The whole text as llama.cpp's perplexity tool reads it: special tokens added (BOS if
+        the model wants one), special-token text not parsed."""
+        return _tokenize(self._vocab, text, True, False)
+
+    def window_logits(self, tokens: list[int], first: int) -> Any:
+        """Logits for positions first..len(tokens)-1 of one window decoded from position 0:
+        float32 [len(tokens) - first, n_vocab]."""
+        import numpy as np
+
+        batch = self._batch
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if i >= first else 0
+        batch.n_tokens = len(tokens)
+        ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc}")
+        out = ll.llama_get_logits(self._ctx)
+        n_out = len(tokens) - first
+        return np.ctypeslib.as_array(out, shape=(n_out, self.n_vocab)).copy()
+
+    def decode_speed(self, prompt: list[int], n_tokens: int) -> float:
+        """Greedy decode of `n_tokens` one at a time after `prompt`: tokens per second."""
+        import time
+
+        import numpy as np
+
+        self.window_logits(prompt, len(prompt) - 1)
+        token = len(prompt)
+        batch = self._batch
+        started = time.perf_counter()
+        logits = ll.llama_get_logits(self._ctx)
+        for step in range(n_tokens):
+            row = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+            batch.token[0] = int(row.argmax())
+            batch.pos[0] = token + step
+            batch.n_seq_id[0] = 1
+            batch.seq_id[0][0] = 0
+            batch.logits[0] = 1
+            batch.n_tokens = 1
+            if ll.llama_decode(self._ctx, batch) != 0:
+                raise EngineError("llama_decode failed while timing decode")
+            logits = ll.llama_get_logits(self._ctx)
+        return n_tokens / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._ctx:
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            ll.llama_model_free(self._model)
+            self._ctx = None
+
+
+def _tokenize(vocab: Any, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    buf = (ll.llama_token * capacity)()
+    n = ll.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, parse_special)
+    if n < 0:  # buffer too small: -n is the size needed
+        capacity = -n
+        buf = (ll.llama_token * capacity)()
+        n = ll.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, parse_special)
+    return list(buf[:n])
+
+
+def quantize_file(
+    source: Path,
+    dest: Path,
+    ftype: int,
+    *,
+    threads: int,
+    imatrix: dict[str, Any] | None = None,
+) -> None:
+    """llama.cpp's quantizer: `source` (F32/F16/BF16 GGUF) to `dest` at llama_ftype `ftype`,
+    with an importance matrix (weight name -> float32 [n_in * n_mat]) when given. Progress
+    appears in llama.cpp's log, one "[  i/  n]" line per tensor (logger edgellm.llama_cpp)."""
+    _init_llama()
+    params = ll.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    keep: list[Any] = []  # the arrays the C struct points into
+    if imatrix:
+        entries = (ll.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            import numpy as np
+
+            array = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(array)
+            entries[i].name = name.encode()
+            entries[i].data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = array.size
+        params.imatrix = entries  # the last entry stays zeroed: name NULL ends the list
+        keep.append(entries)
+    rc = ll.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise EngineError(
+            f"llama.cpp's quantizer failed (code {rc}); its log says why (run with -v)"
+        )

@@ -1,0 +1,267 @@
+"""The compression commands' work: convert, quantize (one type or a sweep), eval with a gate.
+`edgellm.cli.main` declares the options; these functions print and return the exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgellm.errors import EdgeLLMError, ValidationError
+
+GATE_FAILED = 3  # exit code of `edgellm eval --gate` when the model fails the gate
+
+
+@contextlib.contextmanager
+def progress_bars(err: Console) -> Iterator[Callable[[str, int, int], None]]:
+    """One bar per stage ("dequantize", "quantize Q4_K_M", "evaluate", ...) on stderr."""
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as bars:
+        tasks: dict[str, object] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)  # type: ignore[arg-type]
+
+        yield update
+
+
+def run_convert(source: Path, to: str, output: Path, err: Console) -> None:
+    from edgellm.compress.convert import convert
+
+    if output.exists() and output.resolve() == source.resolve():
+        raise ValidationError("--output must not be the source file", param="output")
+    if not output.parent.is_dir():
+        raise ValidationError(f"the directory of --output {output} does not exist", param="output")
+    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    try:
+        with progress_bars(err) as update:
+            convert(source, tmp, to.lower(), lambda d, t: update(f"convert {to}", d, t))
+        tmp.replace(output)
+    except OSError as exc:
+        raise EdgeLLMError(f"could not write {output}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    err.print(f"wrote {escape(str(output))} ({output.stat().st_size / 2**20:.1f} MiB)")
+
+
+@dataclass(slots=True)
+class QuantizeOptions:
+    source: Path
+    qtype: str | None
+    output: Path | None
+    imatrix: Path | None
+    calibrate: Path | None
+    calib_ctx: int
+    calib_chunks: int | None
+    sweep: str | None
+    ref: Path | None
+    data: Path | None
+    ctx: int
+    chunks: int | None
+    plot: Path | None
+    json_out: bool
+    threads: int
+
+
+def run_quantize(opts: QuantizeOptions, out: Console, err: Console) -> None:
+    from edgellm.compress.qtypes import quant_type
+    from edgellm.compress.quantize import Calibration, quantize
+
+    if opts.imatrix is not None and opts.calibrate is not None:
+        raise ValidationError("give --imatrix or --calibrate, not both", param="imatrix")
+    calibrate = None
+    if opts.calibrate is not None:
+        calibrate = Calibration(opts.calibrate, opts.calib_ctx, opts.calib_chunks)
+    if opts.sweep is not None:
+        _run_sweep(opts, calibrate, out, err)
+        return
+    if opts.qtype is None or opts.output is None:
+        raise ValidationError("quantize needs --type and --output (or --sweep)", param="type")
+    qtype = quant_type(opts.qtype)
+
+    def notice(text: str) -> None:
+        err.print(f"[yellow]note:[/yellow] {escape(text)}")
+
+    with progress_bars(err) as update:
+        result = quantize(
+            opts.source,
+            qtype,
+            opts.output,
+            imatrix_file=opts.imatrix,
+            calibrate=calibrate,
+            threads=opts.threads,
+            progress=update,
+            notice=notice,
+        )
+    size = result.output.stat().st_size / 2**20
+    err.print(
+        f"wrote {escape(str(result.output))} ({qtype.name}, {size:.1f} MiB, "
+        f"{result.seconds:.1f} s); manifest {escape(str(result.manifest))}"
+    )
+
+
+def _run_sweep(opts: QuantizeOptions, calibrate: object, out: Console, err: Console) -> None:
+    from edgellm.compress.qtypes import quant_type
+    from edgellm.compress.sweep import plot_frontier, rows_as_dicts, sweep
+
+    names = (opts.sweep or "").split(",")
+    types = [quant_type(name, param="sweep") for name in names if name.strip()]
+    if not types:
+        raise ValidationError("--sweep names no type", param="sweep")
+    if opts.data is None:
+        raise ValidationError("--sweep needs --data TEXT to evaluate on", param="data")
+    if opts.output is None or (opts.output.exists() and not opts.output.is_dir()):
+        raise ValidationError("--sweep needs --output DIR (a directory)", param="output")
+    if opts.plot is not None:
+        _need_matplotlib()
+    opts.output.mkdir(parents=True, exist_ok=True)
+    with progress_bars(err) as update:
+        rows = sweep(
+            opts.source,
+            types,
+            opts.output,
+            ref=opts.ref or opts.source,
+            data=opts.data,
+            ctx=opts.ctx,
+            chunks=opts.chunks,
+            threads=opts.threads,
+            imatrix_file=opts.imatrix,
+            calibrate=calibrate,  # type: ignore[arg-type]
+            progress=update,
+            notice=lambda text: err.print(f"[yellow]note:[/yellow] {escape(text)}"),
+        )
+    if opts.plot is not None:
+        plot_frontier(rows, opts.plot, f"{opts.source.name} on {opts.data.name}")
+        err.print(f"plot: {escape(str(opts.plot))}")
+    if opts.json_out:
+        out.print_json(json.dumps(rows_as_dicts(rows)))
+        return
+    table = Table(
+        "type",
+        "MiB",
+        "bits/w",
+        "ppl",
+        "ppl ratio",
+        "KL mean",
+        "KL p99",
+        "top-1",
+        "|dp| p99",
+        "decode tok/s",
+        title=f"{opts.source.name}: sweep",
+    )
+    for r in rows:
+        m = r.metrics
+        table.add_row(
+            r.name,
+            f"{r.size_bytes / 2**20:.1f}",
+            f"{r.bits_per_weight:.2f}",
+            f"{m['ppl']:.3f}",
+            f"{m.get('ppl_ratio', 1.0):.4f}",
+            f"{m.get('kl_mean', 0.0):.5f}",
+            f"{m.get('kl_p99', 0.0):.4f}",
+            f"{m.get('top1', 1.0):.3f}",
+            f"{m.get('dp_p99', 0.0):.4f}",
+            f"{r.decode_tps:.1f}",
+        )
+    out.print(table)
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValidationError(
+            "--plot needs matplotlib: pip install 'edgellm[plot]'", param="plot"
+        ) from None
+
+
+@dataclass(slots=True)
+class EvalOptions:
+    model: Path
+    ref: Path | None
+    data: Path
+    ctx: int
+    chunks: int | None
+    gate: str | None
+    json_out: bool
+    record: bool
+    threads: int
+
+
+def run_eval(opts: EvalOptions, out: Console, err: Console) -> int:
+    from edgellm.compress.manifest import record_eval
+    from edgellm.evaluate.gate import METRICS, parse_gate
+    from edgellm.evaluate.run import eval_record, evaluate
+
+    gate = parse_gate(opts.gate) if opts.gate is not None else None
+    if gate is not None and gate.needs_ref and opts.ref is None:
+        raise ValidationError(f"the gate {gate.expr!r} compares with a reference: add --ref")
+    with progress_bars(err) as update:
+        (result,) = evaluate(
+            [opts.model],
+            opts.data,
+            ref=opts.ref,
+            ctx=opts.ctx,
+            chunks=opts.chunks,
+            threads=opts.threads,
+            progress=lambda d, t: update("evaluate", d, t),
+        )
+    verdict = gate.verdict(result.metrics) if gate is not None else None
+    manifest = None
+    if opts.record:
+        try:
+            manifest = record_eval(opts.model, eval_record(result, opts.data, opts.ref), verdict)
+        except OSError as exc:
+            raise EdgeLLMError(
+                f"could not write the manifest beside {opts.model}: {exc.strerror or exc} "
+                "(--no-record skips it)"
+            ) from exc
+    if opts.json_out:
+        body = {
+            "model": str(opts.model),
+            "ctx": result.ctx,
+            "windows": result.windows,
+            "metrics": result.metrics,
+            "ref_metrics": result.ref_metrics,
+            "gate": verdict,
+            "manifest": str(manifest) if manifest else None,
+        }
+        out.print_json(json.dumps(body))
+    else:
+        table = Table("metric", "value", "meaning", title=f"{opts.model.name} on {opts.data.name}")
+        scored = f"{int(result.metrics['tokens'])} tokens in {result.windows} windows of {opts.ctx}"
+        table.add_row("scored", scored, "second half of each window")
+        for key, value in result.metrics.items():
+            if key in METRICS:
+                table.add_row(key, f"{value:.6g}", METRICS[key])
+        if result.ref_metrics is not None:
+            table.add_row("ref ppl", f"{result.ref_metrics['ppl']:.6g}", "the reference's")
+        out.print(table)
+        if manifest is not None:
+            err.print(f"recorded in {escape(str(manifest))}")
+    if verdict is None:
+        return 0
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    if not failed:
+        err.print(f"[green]gate passed:[/green] {escape(verdict['expr'])}")
+        return 0
+    why = ", ".join(
+        f"{c['metric']} = {c['value']:.6g} (needs {c['op']} {c['threshold']:g})" for c in failed
+    )
+    err.print(f"[red]gate failed:[/red] {escape(why)}")
+    return GATE_FAILED
