@@ -520,14 +520,17 @@ def quantize_file(
     *,
     threads: int,
     imatrix: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> None:
     """llama.cpp's quantizer: `source` (F32/F16/BF16 GGUF) to `dest` at llama_ftype `ftype`,
     with an importance matrix (weight name -> float32 [n_in * n_mat]) when given. Progress
-    appears in llama.cpp's log, one "[  i/  n]" line per tensor (logger edgellm.llama_cpp)."""
+    appears in llama.cpp's log, one "[  i/  n]" line per tensor (logger edgellm.llama_cpp).
+    A dry run writes nothing and only logs the sizes (any source type is accepted then)."""
     _init_llama()
     params = ll.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = ftype
+    params.dry_run = params.allow_requantize = dry_run
     keep: list[Any] = []  # the arrays the C struct points into
     if imatrix:
         entries = (ll.llama_model_imatrix_data * (len(imatrix) + 1))()

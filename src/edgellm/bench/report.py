@@ -108,7 +108,7 @@ def write_plot(path: Path, title: str, levels: list[LevelResult]) -> None:
         from matplotlib.ticker import NullFormatter
     except ImportError:
         raise ValidationError(
-            "--plot needs matplotlib: pip install 'edgellm[bench]'", param="plot"
+            "--plot needs matplotlib: pip install 'edgellm[plot]'", param="plot"
         ) from None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     fig.suptitle(title)

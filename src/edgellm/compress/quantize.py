@@ -174,19 +174,32 @@ class _QuantizerLog(logging.Handler):
     and its error lines (for the message when it fails)."""
 
     _TENSOR = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+    _TOTAL = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
 
     def __init__(self, progress: Progress | None):
         super().__init__(logging.DEBUG)
         self.progress = progress
         self.errors: list[str] = []
+        self.total_mib: float | None = None  # "quant size = X MiB": the new tensor bytes
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage().strip()
         match = self._TENSOR.match(message)
         if match and self.progress is not None:
             self.progress("quantize", int(match[1]), int(match[2]))
+        elif total := self._TOTAL.search(message):
+            self.total_mib = float(total[1])
         elif record.levelno >= logging.ERROR:
             self.errors.append(message)
+
+
+def quantized_bytes(source: Path, qtype: QuantType) -> int:
+    """The tensor bytes `source` would have in `qtype`, by llama.cpp's quantizer in dry-run
+    mode: its own per-tensor type choices and fallbacks, nothing written."""
+    handler = _llama_quantize(source, source, qtype, 1, None, None, dry_run=True)
+    if handler.total_mib is None:
+        raise EdgeLLMError("llama.cpp's dry run did not report a size")
+    return int(handler.total_mib * 2**20)
 
 
 def _llama_quantize(
@@ -196,7 +209,9 @@ def _llama_quantize(
     threads: int,
     imatrix: Imatrix | None,
     progress: Progress | None,
-) -> None:
+    *,
+    dry_run: bool = False,
+) -> _QuantizerLog:
     from edgellm.backends.llama_cpp import quantize_file
 
     logger = logging.getLogger("edgellm.llama_cpp")
@@ -212,6 +227,7 @@ def _llama_quantize(
             qtype.ftype,
             threads=threads,
             imatrix=imatrix.for_quantizer() if imatrix is not None else None,
+            dry_run=dry_run,
         )
     except EdgeLLMError:
         why = handler.errors[-1] if handler.errors else "no reason given"
@@ -222,3 +238,4 @@ def _llama_quantize(
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+    return handler

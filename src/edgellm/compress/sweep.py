@@ -17,6 +17,7 @@ from edgellm.compress.manifest import record_eval
 from edgellm.compress.qtypes import QuantType
 from edgellm.compress.quantize import Calibration, Notice, Progress, quantize
 from edgellm.evaluate.run import eval_record, evaluate
+from edgellm.modelfile import model_id_from_path
 
 DECODE_TOKENS = 64  # greedy tokens timed per model
 
@@ -48,7 +49,7 @@ def sweep(
 ) -> list[SweepRow]:
     outputs: list[Path] = []
     for qtype in types:
-        output = out_dir / f"{_stem(source)}.{qtype.name}.gguf"
+        output = out_dir / f"{model_id_from_path(source)}.{qtype.name}.gguf"
         made = quantize(
             source,
             qtype,
@@ -99,10 +100,6 @@ def _per_type(progress: Progress | None, name: str) -> Progress | None:
     return lambda stage, done, total: progress(f"{stage} {name}", done, total)
 
 
-def _stem(path: Path) -> str:
-    return path.name.removesuffix(".gguf")
-
-
 def _parameters(path: Path) -> int:
     import gguf
 
@@ -119,24 +116,28 @@ def plot_frontier(rows: list[SweepRow], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
-    quantized = [r for r in rows if r.name != "reference"]
-    sizes = [r.size_bytes / 2**20 for r in quantized]
-    ax_kl.plot(sizes, [r.metrics["kl_mean"] for r in quantized], "o-")
-    ax_kl.set_yscale("log")
-    ax_kl.set_ylabel("mean KL divergence from the reference (nats/token, log)")
-    ax_ppl.plot([r.size_bytes / 2**20 for r in rows], [r.metrics["ppl"] for r in rows], "o")
-    ax_ppl.set_ylabel("perplexity")
-    for ax, key, subset in ((ax_kl, "kl_mean", quantized), (ax_ppl, "ppl", rows)):
+    by_size = sorted(rows, key=lambda r: r.size_bytes)
+    quantized = [r for r in by_size if r.name != "reference"]
+    panels = (
+        (ax_kl, "kl_mean", quantized, "mean KL divergence from the reference (nats/token)"),
+        (ax_ppl, "ppl", by_size, "perplexity"),
+    )
+    for ax, key, subset, label in panels:
+        xs = [r.size_bytes / 2**20 for r in subset]
+        ys = [r.metrics[key] for r in subset]
+        ax.plot(xs, ys, "o-", color="tab:blue", alpha=0.8)
         ax.set_xlabel("file size (MiB)")
+        ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        for r in subset:
+        for i, (r, x, y) in enumerate(zip(subset, xs, ys, strict=True)):
             ax.annotate(
-                f"{r.name}\n{r.decode_tps:.0f} tok/s",
-                (r.size_bytes / 2**20, r.metrics[key]),
+                f"{r.name} {r.decode_tps:.0f} tok/s",
+                (x, y),
                 textcoords="offset points",
-                xytext=(5, 5),
+                xytext=(6, 8 if i % 2 == 0 else -14),  # alternate sides: neighbours overlap
                 fontsize=8,
             )
+    ax_kl.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
