@@ -74,7 +74,7 @@ def test_memory_of_7b_by_hand() -> None:
     arch = known_size("deepseek-r1-distill-qwen-7b")
     load = Workload(ctx=4096, concurrency=2, cache_type="f16")
     weights = arch.params * NOMINAL_BPW["Q8_0"] / 8
-    e = estimate(arch, LAB, "Q8_0", weights, False, load, Efficiency(1.0, 1.0, "test"))
+    e = estimate(arch, LAB, "Q8_0", weights, False, load, Efficiency(1.0, 1.0, 1.0, "test"))
     assert e.kv_bytes == 4096 * 2 * 57344 == 0.4375 * GIB
     assert e.overhead_bytes == 512 * 2**20 + 512 * (152064 + 16 * 3584) * 4
     assert e.total_bytes == weights + e.kv_bytes + e.overhead_bytes
@@ -109,7 +109,7 @@ def test_recommendation_and_largest_context() -> None:
     load = Workload(8192, 1, "f16")
     rows = [
         estimate(arch, small, t, arch.params * NOMINAL_BPW[t] / 8, False, load,
-                 Efficiency(1, 1, "t"))
+                 Efficiency(1, 1, 1, "t"))
         for t in ("F16", "Q8_0", "Q6_K", "Q4_K_M")
     ]  # fmt: skip
     chosen = recommend(rows, small)

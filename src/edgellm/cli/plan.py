@@ -15,12 +15,12 @@ from edgellm.errors import ValidationError
 from edgellm.plan.arch import NOMINAL_BPW, Architecture, from_gguf, known_size
 from edgellm.plan.catalog import Device, find_device, load_catalog
 from edgellm.plan.estimate import (
-    DEFAULT_EFFICIENCY,
     HEADROOM,
     Efficiency,
     Estimate,
     Workload,
     calibrate,
+    default_efficiency,
     estimate,
     largest_concurrency,
     largest_ctx,
@@ -145,9 +145,9 @@ def _device(opts: PlanOptions, err: Console) -> tuple[Device, Efficiency]:
     if opts.here:
         err.print("measuring this machine's memory bandwidth and arithmetic...")
         machine = this_machine(opts.threads)
-        return machine, DEFAULT_EFFICIENCY[machine.kind]
+        return machine, default_efficiency(machine)
     device = find_device(load_catalog(opts.catalog), opts.device or "")
-    return device, DEFAULT_EFFICIENCY[device.kind]
+    return device, default_efficiency(device)
 
 
 def _measure(
@@ -219,8 +219,9 @@ def _print(
     out.print(
         f"KV cache: {kv_token / 1024:.1f} KiB per token ({arch.layers} layers x 2 x "
         f"{arch.kv_heads} KV heads x {arch.head_dim} dims x {load.cache_type}); "
-        f"speeds x {efficiency.decode:.2f} (decode) / {efficiency.prefill:.2f} (prefill) "
-        f"of the roofline ({escape(efficiency.source)}). ~ = weights from average bits/weight."
+        f"efficiency: bandwidth {efficiency.bandwidth:.2f}, decode arithmetic "
+        f"{efficiency.decode:.2f}, prefill {efficiency.prefill:.2f} ({escape(efficiency.source)})"
+        ". ~ = weights from average bits/weight."
     )
     if chosen is not None:
         out.print(
@@ -231,7 +232,7 @@ def _print(
             + (" (IQ types need --imatrix or --calibrate)" if chosen.qtype.startswith("IQ") else "")
         )
     if measured is not None:
-        check = Table("measured here", "roofline", "estimate", "measured", "error", "efficiency")
+        check = Table("measured here", "roofline", "estimate", "measured", "error", "factor")
         for what in ("decode", "prefill"):
             m = measured[what]
             check.add_row(
@@ -240,7 +241,11 @@ def _print(
                 f"{m['efficiency']:.3f}",
             )  # fmt: skip
         out.print(check)
-        out.print(f"estimate used efficiency from: {escape(measured['efficiency_used'])}")
+        out.print(
+            f"estimate used efficiency from: {escape(measured['efficiency_used'])}; roofline: "
+            "bandwidth / bytes per token (decode), compute / FLOPs per token (prefill); factor: "
+            "the calibrated decode-arithmetic and prefill efficiencies"
+        )
         if measured["saved"]:
             out.print(f"calibration saved to {escape(measured['saved'])}")
 

@@ -26,6 +26,7 @@ class Device:
     int8_tops: float  # dense INT8 peak
     power_w: float  # typical maximum power
     source: str  # where the numbers come from
+    measured: bool = False  # numbers measured on the machine itself (plan --here)
 
     @property
     def usable_bytes(self) -> float:

@@ -5,14 +5,19 @@ sequence, K and V of every layer: ctx x concurrency x layers x 2 x kv_heads x he
 The overhead is llama.cpp's compute buffers (logits for one ubatch and the activations of the
 widest layer) plus a fixed runtime base.
 
-Speed, from the two rooflines, each scaled by an efficiency factor (`--here` measures them):
-  prefill:  e_c x compute / (2 x weights multiplied per token) tokens/s (compute-bound);
-  decode:   a step streams every weight it multiplies once (and each sequence's KV cache, ctx/2
-            on average), and does 2 x weights FLOPs per sequence. The time is the sum
-              bytes / (e_b x bandwidth) + C x 2 x weights / (e_c x compute)
-            for C sequences per step: on a GPU the first term dominates and this is the
-            bandwidth roofline; on a small CPU the arithmetic adds a measurable share
-            (the two do not fully overlap), which a pure max() roofline misses.
+Speed. Prefill is compute-bound: e_c x compute / (2 x weights multiplied per token). A decode
+step streams every weight it multiplies once (and each sequence's KV cache, ctx/2 tokens on
+average) and does 2 x weights FLOPs per sequence; its time is taken as the sum
+
+    bytes / (e_b x bandwidth)  +  C x FLOPs / (e_d(C) x compute)
+
+for C sequences per step. e_b is the share of peak bandwidth a stream of reads achieves (1 for a
+bandwidth measured STREAM-style on the machine itself). e_d is how well the arithmetic of a
+matrix-vector product (dequantizing every weight for one token) uses the peak; batching
+amortizes that work, so e_d(C) = min(max(e_c, e_d), C x e_d). On a GPU the first term
+dominates and this is the bandwidth roofline; on a small CPU the arithmetic is a large share of
+a token's time and the two do not overlap, which a max() roofline misses by 30% and more
+(docs/planning.md).
 """
 
 from __future__ import annotations
@@ -30,16 +35,19 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 @dataclass(frozen=True, slots=True)
 class Efficiency:
-    decode: float  # e_b: share of peak bandwidth a decode step achieves
-    prefill: float  # e_c: share of peak compute the matrix products achieve
+    bandwidth: float  # e_b: share of the device's bandwidth figure that streaming reads reach
+    decode: float  # e_d: share of peak compute the one-token matrix-vector products reach
+    prefill: float  # e_c: share of peak compute the batched matrix products reach
     source: str  # "default for gpu", or the calibration file it came from
 
 
-DEFAULT_EFFICIENCY = {
-    "cpu": Efficiency(0.6, 0.5, "default for cpu"),
-    "soc": Efficiency(0.6, 0.4, "default for soc"),
-    "gpu": Efficiency(0.75, 0.5, "default for gpu"),
-}
+def default_efficiency(device: Device) -> Efficiency:
+    """Until a calibration says otherwise: STREAM reaches ~70-80% of peak bandwidth (a
+    bandwidth measured here is already achieved: 1.0); e_d 0.4 is what a 2-core x86 VM
+    measured (0.39 against its float32 GEMM peak, docs/planning.md); e_c 0.5 is a guess
+    for peaks quoted by vendors, which kernels reach less of than numpy's GEMM."""
+    bandwidth = 1.0 if device.measured else (0.75 if device.kind == "gpu" else 0.7)
+    return Efficiency(bandwidth, 0.4, 0.5, f"default for {device.kind}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +99,14 @@ def estimate(
     bandwidth = device.bandwidth_gbs * 1e9
     compute = (device.f16_tflops if qtype in FLOAT_TYPES else device.int8_tops) * 1e12
     streamed, kv_read, flops = _per_token(arch, weights_bytes, load)
-    memory_rate = efficiency.decode * bandwidth  # bytes/s a decode step streams
-    compute_rate = efficiency.prefill * compute  # FLOP/s the matrix products reach
+    memory_rate = efficiency.bandwidth * bandwidth  # bytes/s streamed
+
+    def step_seconds(c: int) -> float:
+        best = max(efficiency.prefill, efficiency.decode)
+        arithmetic = min(best, c * efficiency.decode) * compute
+        return (streamed + c * kv_read) / memory_rate + c * flops / arithmetic
+
     c = load.concurrency
-    step = (streamed + c * kv_read) / memory_rate + c * flops / compute_rate
     return Estimate(
         qtype=qtype,
         weights_bytes=weights_bytes,
@@ -102,9 +114,9 @@ def estimate(
         kv_bytes=kv,
         overhead_bytes=overhead,
         fits=weights_bytes + kv + overhead <= device.usable_bytes,
-        decode_tps=1 / (streamed / memory_rate + kv_read / memory_rate + flops / compute_rate),
-        aggregate_tps=c / step,
-        prefill_tps=compute_rate / flops,
+        decode_tps=1 / step_seconds(1),
+        aggregate_tps=c / step_seconds(c),
+        prefill_tps=efficiency.prefill * compute / flops,
     )
 
 
@@ -136,13 +148,16 @@ def calibrate(
     prefill_tps: float,
     source: str,
 ) -> Efficiency:
-    """The efficiency factors that make `estimate` reproduce measured speeds: e_c from the
-    prefill, then e_b from what is left of a decoded token's time after its arithmetic."""
+    """The factors that make `estimate` reproduce measured speeds: e_b stays the device's
+    default; e_c from the prefill; e_d from what is left of a decoded token's time once its
+    bytes are streamed."""
+    base = default_efficiency(device)
     decode_roof, prefill_roof = rooflines(arch, device, qtype, weights_bytes, load)
-    e_c = prefill_tps / prefill_roof
-    memory_time = max(1 / decode_tps - 1 / prefill_tps, 0.1 / decode_tps)
-    e_b = (1 / decode_roof) / memory_time
-    return Efficiency(decode=e_b, prefill=e_c, source=source)
+    memory_seconds = 1 / (decode_roof * base.bandwidth)
+    arithmetic_seconds = max(1 / decode_tps - memory_seconds, 0.05 / decode_tps)
+    compute = prefill_roof * 2.0 * arch.matmul_params  # FLOP/s peak for this type
+    e_d = 2.0 * arch.matmul_params / (arithmetic_seconds * compute)
+    return Efficiency(base.bandwidth, e_d, prefill_tps / prefill_roof, source)
 
 
 def recommend(estimates: list[Estimate], device: Device) -> Estimate | None:

@@ -3,7 +3,7 @@
 Bandwidth is measured STREAM-style (copy of arrays far larger than the caches, one slice per
 core in parallel, bytes read + written per second, best of several); compute as float32 GEMM
 throughput. The model run is a timed prefill of one window and a timed greedy decode, each
-best of two. A calibration file keeps the machine's numbers and the efficiency factors
+best of three. A calibration file keeps the machine's numbers and the efficiency factors
 (measured / roofline), so later estimates on this machine use them without re-measuring.
 """
 
@@ -73,6 +73,7 @@ def this_machine(threads: int) -> Device:
         int8_tops=tflops,
         power_w=0.0,
         source="measured by edgellm plan --here",
+        measured=True,
     )
 
 
@@ -89,11 +90,11 @@ def run_model(path: Path, threads: int) -> ModelRun:
     try:
         tokens = [scorer.bos if scorer.add_bos else 1, *list(range(100, 100 + PREFILL_TOKENS - 1))]
         prefill = 0.0
-        for _ in range(2):
+        for _ in range(3):
             started = time.perf_counter()
             scorer.window_logits(tokens, PREFILL_TOKENS - 1)
             prefill = max(prefill, PREFILL_TOKENS / (time.perf_counter() - started))
-        decode = max(scorer.decode_speed(tokens[:DECODE_PROMPT], DECODE_TOKENS) for _ in range(2))
+        decode = max(scorer.decode_speed(tokens[:DECODE_PROMPT], DECODE_TOKENS) for _ in range(3))
     finally:
         scorer.close()
     return ModelRun(decode_tps=decode, prefill_tps=prefill)
@@ -104,7 +105,11 @@ def save_calibration(
 ) -> None:
     body = {
         "machine": asdict(machine),
-        "efficiency": {"decode": efficiency.decode, "prefill": efficiency.prefill},
+        "efficiency": {
+            "bandwidth": efficiency.bandwidth,
+            "decode": efficiency.decode,
+            "prefill": efficiency.prefill,
+        },
         "calibrated_with": {"model": str(model.resolve()), "type": qtype} | asdict(run),
     }
     path.write_text(json.dumps(body, indent=2) + "\n")
@@ -115,7 +120,9 @@ def load_calibration(path: Path) -> tuple[Device, Efficiency]:
         body: dict[str, Any] = json.loads(path.read_text())
         machine = Device(**body["machine"])
         eff = body["efficiency"]
-        efficiency = Efficiency(float(eff["decode"]), float(eff["prefill"]), str(path))
+        efficiency = Efficiency(
+            float(eff["bandwidth"]), float(eff["decode"]), float(eff["prefill"]), str(path)
+        )
     except FileNotFoundError:
         raise ValidationError(f"calibration file not found: {path}", param="calibration") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
