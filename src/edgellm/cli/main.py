@@ -77,39 +77,39 @@ def _is_loopback(host: str) -> bool:
 @user_errors
 def serve(
     model_path: Path | None = typer.Argument(None, help="GGUF file; default: the embedded model."),
-    host: str | None = typer.Option(None, help="Address to bind [default: 127.0.0.1]."),
-    port: int | None = typer.Option(None, help="Port [default: 8000]."),
+    host: str | None = typer.Option(None, help="Address to bind (default: 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default: 8000)."),
     ctx: int | None = typer.Option(
-        None, help="KV cache cells in all; split layout: ctx/parallel each [default: 16384]."
+        None, help="KV cache cells in all; split layout: ctx/parallel each (default: 16384)."
     ),
-    parallel: int | None = typer.Option(None, help="Most requests decoding at once [default: 8]."),
+    parallel: int | None = typer.Option(None, help="Most requests decoding at once (default: 8)."),
     batch: int | None = typer.Option(
-        None, help="Most tokens per step; prefill chunk [default: 256]."
+        None, help="Most tokens per step; prefill chunk (default: 256)."
     ),
-    threads: int | None = typer.Option(None, help="CPU threads [default: all cores]."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     max_queue: int | None = typer.Option(
-        None, help="Most waiting requests before 503 [default: 64]."
+        None, help="Most waiting requests before 503 (default: 64)."
     ),
     flash_attn: bool | None = typer.Option(
         None,
         "--flash-attn/--no-flash-attn",
-        help="Flash attention [default: on].",
+        help="Flash attention (default: on).",
     ),
     kv_layout: str | None = typer.Option(
         None,
         help="split: a KV stream of ctx/parallel cells per request, batch-invariant; shared: one "
-        "pool any request may fill [default: split].",
+        "pool any request may fill (default: split).",
     ),
     prefix_cache: bool | None = typer.Option(
         None,
         "--prefix-cache/--no-prefix-cache",
-        help="Reuse the KV cells of earlier requests' matching prefix [default: on].",
+        help="Reuse the KV cells of earlier requests' matching prefix (default: on).",
     ),
-    model_id: str | None = typer.Option(None, help="Model name for clients [default: from file]."),
+    model_id: str | None = typer.Option(None, help="Model name for clients (default: from file)."),
     reasoning: str | None = typer.Option(
         None,
         help="auto|on|off: split <think> reasoning from answers; auto: when the chat template "
-        "uses it [default: auto].",
+        "uses it (default: auto).",
     ),
     pooling: str | None = typer.Option(
         None, help="auto|mean|cls|last: embedding pooling; auto: the model file's, else mean."
@@ -220,19 +220,19 @@ def chat(
 @user_errors
 def bench(
     url: str = typer.Option("http://127.0.0.1:8000/v1", help="The server's /v1 base URL."),
-    model: str | None = typer.Option(None, help="Model name [default: the first one served]."),
+    model: str | None = typer.Option(None, help="Model name (default: the first one served)."),
     api_key: str | None = typer.Option(None, envvar="EDGELLM_API_KEY", help="Bearer key."),
     workload: str = typer.Option("random", help="random, chat or file."),
     file: Path | None = typer.Option(None, help="file workload: JSONL, one request per line."),
     text_file: Path | None = typer.Option(
-        None, help="Draw prompt text from this file [default: random common words]."
+        None, help="Draw prompt text from this file (default: random common words)."
     ),
     concurrency: str | None = typer.Option(
         None, help="Requests in flight (chat: conversations); a list such as 1,4,8 runs each."
     ),
     rate: str = typer.Option("inf", help="Arrivals per second (Poisson); inf = all at once."),
     requests: int | None = typer.Option(
-        None, min=1, help="Requests per level [default: max(16, 4 x concurrency)]."
+        None, min=1, help="Requests per level (default: max(16, 4 x concurrency))."
     ),
     warmup: int = typer.Option(1, min=0, help="Requests sent first and not counted."),
     seed: int = typer.Option(0, help="Seed for prompts, lengths and arrivals."),
@@ -328,10 +328,10 @@ def quantize(
     sweep: str | None = typer.Option(
         None, help="Several types, e.g. Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K: quantize and compare."
     ),
-    ref: Path | None = typer.Option(None, help="--sweep: reference model [default: SOURCE]."),
+    ref: Path | None = typer.Option(None, help="--sweep: reference model (default: SOURCE)."),
     data: Path | None = typer.Option(None, help="--sweep: evaluation text."),
     ctx: int = typer.Option(512, help="--sweep: tokens per evaluation window."),
-    chunks: int | None = typer.Option(None, min=1, help="--sweep: most windows [default: all]."),
+    chunks: int | None = typer.Option(None, min=1, help="--sweep: most windows (default: all)."),
     plot: Path | None = typer.Option(None, help="--sweep: write a PNG of the frontier."),
     json_out: bool = typer.Option(False, "--json", help="--sweep: print JSON, not a table."),
     threads: int = typer.Option(_threads(), min=1, help="CPU threads."),
@@ -373,7 +373,7 @@ def evaluate(
     data: Path = typer.Option(..., help="Text file (e.g. WikiText-2's test split)."),
     ref: Path | None = typer.Option(None, help="Reference model (same tokenizer) for KL etc."),
     ctx: int = typer.Option(512, help="Tokens per window; the second half of each is scored."),
-    chunks: int | None = typer.Option(None, min=1, help="Most windows [default: all]."),
+    chunks: int | None = typer.Option(None, min=1, help="Most windows (default: all)."),
     gate: str | None = typer.Option(
         None, help='Quality gate, e.g. "kl_mean<0.05,ppl_ratio<1.05"; exit 3 when it fails.'
     ),
