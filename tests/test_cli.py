@@ -36,6 +36,9 @@ def test_version_and_help() -> None:
     assert run_cli("--version").stdout.strip() == f"edgellm {__version__}"
     help_text = run_cli("serve", "--help").stdout
     assert "--parallel" in help_text and "Example" in help_text
+    assert "127.0.0.1" in help_text  # defaults written in help survive Rich's markup
+    for command in ("convert", "quantize", "eval", "plan"):
+        assert "Example: edgellm " + command in run_cli(command, "--help").stdout
 
 
 @pytest.fixture(scope="module")
