@@ -107,36 +107,51 @@ def _parameters(path: Path) -> int:
     return sum(int(t.n_elements) for t in reader.tensors)
 
 
+def frontier(rows: list[SweepRow], key: str) -> list[SweepRow]:
+    """The Pareto-optimal rows: no other row is both smaller and better on `key`."""
+    best: list[SweepRow] = []
+    for row in sorted(rows, key=lambda r: (r.size_bytes, r.metrics[key])):
+        if not best or row.metrics[key] < best[-1].metrics[key]:
+            best.append(row)
+    return best
+
+
 def plot_frontier(rows: list[SweepRow], path: Path, title: str) -> None:
-    """PNG: file size (MiB) against mean KL divergence and perplexity, each point labelled
-    with its type and decode speed. Needs matplotlib (the `plot` extra)."""
+    """PNG: file size (MiB) against mean KL divergence and perplexity; every type a labelled
+    point (with its decode speed), the size / quality frontier a line. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
-    by_size = sorted(rows, key=lambda r: r.size_bytes)
-    quantized = [r for r in by_size if r.name != "reference"]
+    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 5))
+    quantized = [r for r in rows if r.name != "reference"]
     panels = (
         (ax_kl, "kl_mean", quantized, "mean KL divergence from the reference (nats/token)"),
-        (ax_ppl, "ppl", by_size, "perplexity"),
+        (ax_ppl, "ppl", rows, "perplexity"),
     )
     for ax, key, subset, label in panels:
-        xs = [r.size_bytes / 2**20 for r in subset]
-        ys = [r.metrics[key] for r in subset]
-        ax.plot(xs, ys, "o-", color="tab:blue", alpha=0.8)
+        ax.scatter([r.size_bytes / 2**20 for r in subset], [r.metrics[key] for r in subset])
+        best = frontier(subset, key)
+        ax.plot(
+            [r.size_bytes / 2**20 for r in best],
+            [r.metrics[key] for r in best],
+            "-",
+            alpha=0.5,
+            label="frontier: nothing smaller is better",
+        )
+        for r in subset:
+            ax.annotate(
+                f"{r.name} ({r.decode_tps:.0f} tok/s)",
+                (r.size_bytes / 2**20, r.metrics[key]),
+                textcoords="offset points",
+                xytext=(5, 3),
+                fontsize=7,
+            )
         ax.set_xlabel("file size (MiB)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        for i, (r, x, y) in enumerate(zip(subset, xs, ys, strict=True)):
-            ax.annotate(
-                f"{r.name} {r.decode_tps:.0f} tok/s",
-                (x, y),
-                textcoords="offset points",
-                xytext=(6, 8 if i % 2 == 0 else -14),  # alternate sides: neighbours overlap
-                fontsize=8,
-            )
+        ax.legend(loc="upper right", fontsize=8)
     ax_kl.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
