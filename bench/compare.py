@@ -357,7 +357,7 @@ def render(
                 mine = values.get("edgellm", float("nan"))
                 ratios = [mine / values[p] if values[p] else float("nan") for p in peers]
                 row = [str(c), label, *(f"{v:.1f}" for v in values.values())]
-                row += [f"{r:.2f}x" for r in ratios]
+                row += [f"{r:.2f}x" if r == r else "" for r in ratios]  # NaN: no ratio
                 out.append("| " + " | ".join(row) + " |")
     return "\n".join(out) + "\n"
 
