@@ -136,7 +136,10 @@ class LlamaCppBackend:
         )
         i = 0
         to_sample = []
-        for chunk in chunks:
+        # With split streams llama.cpp cuts a batch into micro-batches (one graph pass each) of
+        # sequences with consecutive ids in batch order: decodes of sequences 3, 1, 2 take two
+        # passes, 1, 2, 3 one. The order of rows is otherwise free, so sort by sequence.
+        for chunk in sorted(chunks, key=lambda c: c.seq_id):
             if i + len(chunk.tokens) > self._batch_capacity:
                 raise EngineError("scheduled more tokens than the batch holds")
             for offset, tok in enumerate(chunk.tokens):
