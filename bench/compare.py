@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -69,6 +70,7 @@ def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
         argv += ["--no-prefix-cache"] if name == "edgellm-nocache" else []
+        argv += shlex.split(args.edgellm_args)
         return Server(name, argv, {"ignore_eos": True}, port)
     if name == "llama-server":
         argv = [llama_server_binary(), "-m", str(model), "--port", str(port), "--host", "127.0.0.1"]
@@ -188,6 +190,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--ctx", type=int, default=32768, help="KV cells in all (2048 per slot)")
     ap.add_argument("--parallel", type=int, default=16, help="slots / sequences decoding at once")
+    ap.add_argument(
+        "--edgellm-args", default="", help="more `edgellm serve` flags, e.g. '--batch 512'"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
     ap.add_argument("--replot", type=Path, default=None, help="only redraw OUT.png from OUT.json")
     args = ap.parse_args()
