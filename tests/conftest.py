@@ -37,10 +37,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "EDGELLM_THREADS": os.environ.get("EDGELLM_THREADS", "2")}
+        env = {
+            **os.environ,
+            "EDGELLM_THREADS": os.environ.get("EDGELLM_THREADS", "2"),
+            **(env or {}),
+        }
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*EDGELLM, "serve", "--port", str(self.port), *args],

@@ -76,3 +76,6 @@ class ScriptedRunner:
 
     def grammar_error(self, grammar: str) -> str | None:
         return "the scripted runner has no grammars"
+
+    def control_texts(self) -> list[str]:
+        return []

@@ -2,11 +2,14 @@
 
     EdgeLLMError                      500  base; message is safe to show
     ├── ValidationError               400  bad input; names the offending `param`
-    │   └── ContextOverflow           400  prompt + max_tokens cannot fit the KV cache
+    │   ├── ContextOverflow           400  prompt + max_tokens cannot fit the KV cache
+    │   └── OutputConstraintError     400  the output format (grammar) could not be enforced
     ├── AuthError                     401
     ├── Forbidden                     403
     ├── ModelNotFound                 404
+    ├── RequestTimeout                408  the body did not arrive in time
     ├── PayloadTooLarge               413
+    ├── UnsupportedMediaType          415  a web page's POST that is not JSON
     ├── RateLimited                   429
     ├── QueueFull                     503  carries Retry-After seconds
     ├── NotReady                      503  model still loading
@@ -43,6 +46,14 @@ class ContextOverflow(ValidationError):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class OutputConstraintError(ValidationError):
+    """A request's grammar allowed no next token, or its sandbox timed out or died. Raised
+    after generation began; the API names the field the grammar came from."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, param=param, code="output_constraint_failed")
+
+
 class AuthError(EdgeLLMError):
     status_code = 401
     error_type = "authentication_error"
@@ -63,8 +74,18 @@ class ModelNotFound(EdgeLLMError):
         )
 
 
+class RequestTimeout(EdgeLLMError):
+    status_code = 408
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLarge(EdgeLLMError):
     status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(EdgeLLMError):
+    status_code = 415
     error_type = "invalid_request_error"
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgellm.errors import ValidationError
 
@@ -117,6 +117,23 @@ class EngineSettings(_LayerSettings):
         description="Keep finished requests' KV cells and reuse the longest matching prefix "
         "(multi-turn chats, shared system prompts) instead of recomputing it.",
     )
+    grammar_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="Seconds a structured-output grammar may take to compile or to choose one "
+        "token (in its sandbox process); beyond it the request ends with an error.",
+    )
+    grammar_wait: float = Field(
+        0.02,
+        ge=0,
+        le=10,
+        description="Seconds a step waits for grammar sandboxes before going on without their "
+        "tokens: the most one slow grammar adds to everyone else's step.",
+    )
+    grammar_memory: int = Field(
+        1024, ge=64, le=1 << 20, description="MiB of memory one grammar sandbox may add."
+    )
 
 
 class ServerSettings(_LayerSettings):
@@ -146,3 +163,32 @@ class ServerSettings(_LayerSettings):
         description="When set, every API request must carry it (Authorization: Bearer KEY or "
         "X-Api-Key: KEY).",
     )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (https://app.example) whose pages may call the API, comma-"
+        "separated; * for any. Default: none but the server's own pages.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names clients may use besides loopback names and the bound address "
+        "(a loopback bind refuses others: DNS rebinding).",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a connection has to send its request headers."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Seconds a request has to send its whole body."
+    )
+    keep_alive: float = Field(
+        5.0, gt=0, le=3600, description="Seconds an idle keep-alive connection stays open."
+    )
+    max_connections: int = Field(
+        512, ge=1, le=1 << 20, description="Open connections at most; beyond it: refused."
+    )
+
+    @field_validator("allowed_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

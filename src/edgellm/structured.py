@@ -5,16 +5,21 @@ grammar accepts, and only allows end-of-generation once it is complete, so a res
 finished with reason "stop" always parses and validates. The schema-to-GBNF translation is
 llama-cpp-python's port of llama.cpp's own converter; schemas are checked with `jsonschema`
 first so a malformed one is the client's error with a readable reason.
+
+A grammar spells out every repetition (`maxLength: N` becomes N nested optional groups, which
+llama.cpp's recursive parser descends one C stack frame at a time) and every alternative, so
+`SchemaLimits` bounds what a schema may ask for before any grammar text exists; the grammar
+is then compiled and run only in a sandbox process (edgellm.backends.grammar).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 
-from edgellm.backends.llama_cpp import json_schema_grammar
 from edgellm.errors import ValidationError
 
 TOOL_CALL_START = "<tool_call>"
@@ -27,12 +32,236 @@ _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 _ROOT_RULE = re.compile(r"^root ::= ", re.MULTILINE)
 
 
+@dataclass(slots=True, frozen=True)
+class SchemaLimits:
+    """What one schema may ask of a grammar. Each bound is far above what real schemas use."""
+
+    depth: int = 32  # nesting of the schema document (objects and lists)
+    nodes: int = 4096  # JSON values in the schema document
+    repeat: int = 1000  # any one count: minLength, maxLength, minItems, maxItems, {m,n}
+    repeat_total: int = 20_000  # those counts summed over the schema
+    alternatives: int = 256  # enum values; anyOf / oneOf / allOf / prefixItems; properties
+    pattern_chars: int = 1000  # one `pattern`
+    pattern_depth: int = 16  # nested groups in one `pattern`
+    grammar_bytes: int = 256 << 10  # the GBNF text made from it
+
+
+LIMITS = SchemaLimits()
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_LISTS = ("enum", "anyOf", "oneOf", "allOf", "prefixItems")
+_QUANTIFIER = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_ONE = (
+    "items",
+    "additionalProperties",
+    "additionalItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+)
+
+
+def check_bounds(schema: Any, param: str, limits: SchemaLimits = LIMITS) -> None:
+    """Refuse a schema whose grammar would be too large, deep or repetitive, naming the
+    keyword's path. Iterative, so a deeply nested schema cannot exhaust the stack here."""
+    total = 0
+    nodes = 0
+    # (value, path, depth, whether the value sits where a subschema goes)
+    todo: list[tuple[Any, str, int, bool]] = [(schema, "", 0, True)]
+    while todo:
+        value, path, depth, is_schema = todo.pop()
+        nodes += 1
+        if nodes > limits.nodes:
+            raise _too(param, path, f"has more than {limits.nodes} values")
+        if depth > limits.depth:
+            raise _too(param, path, f"nests deeper than {limits.depth} levels")
+        if isinstance(value, list):
+            todo += [(v, f"{path}/{i}", depth + 1, False) for i, v in enumerate(value)]
+            continue
+        if not isinstance(value, dict):
+            continue
+        if not is_schema:
+            todo += [(v, f"{path}/{k}", depth + 1, False) for k, v in value.items()]
+            continue
+        total += _check_keywords(value, param, path, limits)
+        if total > limits.repeat_total:
+            raise _too(param, path, f"its repetition counts add up to over {limits.repeat_total}")
+        todo += _children(value, path, depth)
+
+
+def _children(node: dict[str, Any], path: str, depth: int) -> list[tuple[Any, str, int, bool]]:
+    """Every value under a schema object, marked with whether it is itself a subschema."""
+    out: list[tuple[Any, str, int, bool]] = []
+    for key, value in node.items():
+        where = f"{path}/{key}"
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out.append(({}, where, depth + 1, False))  # the map itself, counted
+            out += [(v, f"{where}/{k}", depth + 2, True) for k, v in value.items()]
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out.append(([], where, depth + 1, False))
+            out += [(v, f"{where}/{i}", depth + 2, True) for i, v in enumerate(value)]
+        else:
+            out.append((value, where, depth + 1, key in _SCHEMA_ONE))
+    return out
+
+
+# Keywords that only describe; allowed beside anything.
+_ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$comment",
+        "$id",
+        "$schema",
+        "$defs",
+        "definitions",
+        "$anchor",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+    }
+)
+# The converter handles these by themselves and ignores whatever stands beside them.
+_ALONE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
+
+
+def _check_combination(node: dict[str, Any], param: str, path: str) -> None:
+    """Refuse keyword combinations the converter would enforce only in part, so that an
+    answer that ends with "stop" always validates (oneOf is enforced as anyOf)."""
+    alone = [k for k in _ALONE if k in node]
+    if alone:
+        allowed = _ANNOTATIONS | ({"type"} if alone[0] in ("enum", "const", "allOf") else set())
+        extra = sorted(set(node) - allowed - set(alone[:1]))
+        if extra:
+            raise _too(param, f"{path}/{extra[0]}", f"cannot be enforced beside '{alone[0]}'")
+        if alone[0] == "allOf":
+            _check_all_of(node, param, path)
+        if alone[0] in ("enum", "const") and "type" in node:
+            values = node["enum"] if alone[0] == "enum" else [node["const"]]
+            typed = jsonschema.Draft202012Validator({"type": node["type"]})
+            if not isinstance(values, list) or not all(typed.is_valid(v) for v in values):
+                raise _too(param, f"{path}/{alone[0]}", "has a value that is not of its 'type'")
+    if "pattern" in node:
+        for key in ("minLength", "maxLength", "format"):
+            if key in node:
+                raise _too(param, f"{path}/{key}", "cannot be enforced beside 'pattern'")
+    if "format" in node and ("minLength" in node or "maxLength" in node):
+        raise _too(param, f"{path}/format", "cannot be enforced beside minLength/maxLength")
+    if "prefixItems" in node:
+        for key in ("items", "minItems", "maxItems"):
+            if key in node:
+                raise _too(param, f"{path}/{key}", "cannot be enforced beside 'prefixItems'")
+    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems")):
+        both = isinstance(node.get(low), int) and isinstance(node.get(high), int)
+        if both and node[low] > node[high]:
+            raise _too(param, f"{path}/{low}", f"exceeds {high}: nothing can satisfy it")
+    required = node.get("required")
+    if isinstance(required, list):
+        properties = node.get("properties")
+        names: dict[str, Any] = properties if isinstance(properties, dict) else {}
+        missing = [r for r in required if r not in names]
+        if missing:
+            raise _too(param, f"{path}/required", f"names {missing[0]!r}, which is not a property")
+
+
+def _check_all_of(node: dict[str, Any], param: str, path: str) -> None:
+    """allOf is enforced as one object with every member's properties."""
+    if node.get("type", "object") != "object" or not isinstance(node["allOf"], list):
+        raise _too(param, f"{path}/allOf", "is enforced only over object schemas")
+    for i, member in enumerate(node["allOf"]):
+        keys = set(member) if isinstance(member, dict) else {"?"}
+        if keys <= {"$ref"} | _ANNOTATIONS:
+            continue
+        if "properties" not in keys or keys - {"type", "properties", "required"} - _ANNOTATIONS:
+            raise _too(param, f"{path}/allOf/{i}", "must be an object schema with properties")
+
+
+def _check_keywords(node: dict[str, Any], param: str, path: str, limits: SchemaLimits) -> int:
+    """Bounds of one schema object's own keywords; returns its repetition count."""
+    _check_combination(node, param, path)
+    total = 0
+    for key in _COUNTS:
+        if key in node:
+            count = node[key]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise _too(param, f"{path}/{key}", "must be a non-negative integer")
+            if count > limits.repeat:
+                raise _too(
+                    param,
+                    f"{path}/{key}",
+                    f"is {count}; at most {limits.repeat} (a grammar spells out each repetition)",
+                )
+            total += count
+    for key in _LISTS:
+        if isinstance(node.get(key), list) and len(node[key]) > limits.alternatives:
+            raise _too(param, f"{path}/{key}", f"has over {limits.alternatives} entries")
+    properties = node.get("properties")
+    if isinstance(properties, dict) and len(properties) > limits.alternatives:
+        raise _too(param, f"{path}/properties", f"has over {limits.alternatives} entries")
+    if "$schema" in node and not isinstance(node["$schema"], str):
+        raise _too(param, f"{path}/$schema", "must be a string (a metaschema URI)")
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        total += _check_pattern(pattern, param, f"{path}/pattern", limits)
+    return total
+
+
+def _check_pattern(pattern: str, param: str, path: str, limits: SchemaLimits) -> int:
+    """Length, group nesting and {m,n} counts of a regular expression."""
+    if len(pattern) > limits.pattern_chars:
+        raise _too(param, path, f"is over {limits.pattern_chars} characters")
+    depth = deepest = total = 0
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        elif c == "{" and (match := _QUANTIFIER.match(pattern, i)):
+            for digits in match.groups():
+                if digits and (len(digits) > 6 or int(digits) > limits.repeat):
+                    raise _too(param, path, f"repeats more than {limits.repeat} times")
+                total += int(digits) if digits else 0
+        i += 1
+    if deepest > limits.pattern_depth:
+        raise _too(param, path, f"nests groups deeper than {limits.pattern_depth}")
+    return total
+
+
+def _too(param: str, path: str, why: str) -> ValidationError:
+    where = f" at '{path.lstrip('/')}'" if path else ""
+    return ValidationError(f"{param}: the schema{where} {why}", param=param)
+
+
 def check_schema(schema: Any, param: str) -> dict[str, Any]:
-    """A JSON schema the client sent, checked against its metaschema."""
+    """A JSON schema the client sent, bounded, then checked against its metaschema."""
     if not isinstance(schema, dict):
         raise ValidationError(f"{param} must be a JSON schema object", param=param)
+    check_bounds(schema, param)
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        validator = jsonschema.validators.validator_for(
+            schema, default=jsonschema.Draft202012Validator
+        )
+        validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         at = f" at '{where}'" if where else ""
@@ -108,6 +337,8 @@ def schema_grammar(schema: Any, param: str) -> str:
             "allOf and $ref",
             param=param,
         )
+    from edgellm.backends.llama_cpp import json_schema_grammar
+
     try:
         grammar = json_schema_grammar(schema)
     except (AssertionError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
@@ -115,7 +346,14 @@ def schema_grammar(schema: Any, param: str) -> str:
             f"{param}: this JSON schema cannot be enforced ({exc or type(exc).__name__})",
             param=param,
         ) from exc
-    return grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
+    grammar = grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
+    if len(grammar) > LIMITS.grammar_bytes:
+        raise ValidationError(
+            f"{param}: the grammar made from this schema is {len(grammar)} bytes; at most "
+            f"{LIMITS.grammar_bytes} (fewer properties, alternatives or repetitions)",
+            param=param,
+        )
+    return grammar
 
 
 def json_object_grammar() -> str:

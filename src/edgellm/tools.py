@@ -63,10 +63,12 @@ def render_call(call: dict[str, Any]) -> str:
 
 
 def parse_call(body: str, known: set[str]) -> ToolCall | None:
-    """The JSON inside one `<tool_call>` block, or None when it is not a call of a known tool."""
+    """The JSON inside one `<tool_call>` block, or None when it is not a call of a known tool
+    (or not valid Unicode: the model may write `\\ud800` escapes that no client can read)."""
     try:
         data = json.loads(body)
-    except ValueError:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return None
     if not isinstance(data, dict) or data.get("name") not in known:
         return None
@@ -74,7 +76,8 @@ def parse_call(body: str, known: set[str]) -> ToolCall | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+            json.dumps(arguments, ensure_ascii=False).encode("utf-8")
+        except (ValueError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None

@@ -13,14 +13,14 @@ import ctypes
 import functools
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
 import llama_cpp as ll
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from edgellm.engine.request import SamplingParams
+from edgellm.backends.grammar import GrammarSamplers, SandboxPool, SandboxSpec
+from edgellm.backends.samplers import build_chain
 from edgellm.engine.runner import KvOp, RunnerOutput, ScheduledChunk, SchedulerOutput
 from edgellm.errors import EngineError, ModelFileError
 from edgellm.modelfile import inspect_gguf
@@ -29,6 +29,7 @@ from edgellm.settings import EngineSettings
 log = logging.getLogger("edgellm.llama_cpp")
 
 _GGML_LOG_LEVEL_ERROR = 4
+_GRAMMAR_BYTES = 1 << 20  # largest grammar a sandbox takes (schema grammars: 256 KiB at most)
 
 
 @ll.llama_log_callback  # type: ignore[untyped-decorator]
@@ -89,11 +90,20 @@ class LlamaCppBackend:
         self.n_ctx = min(settings.ctx, int(ll.llama_n_ctx(ctx)))
         self.n_ctx_train = int(ll.llama_model_n_ctx_train(model))
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+        self._control_texts = [
+            ll.llama_vocab_get_text(self._vocab, t).decode("utf-8", errors="replace")
+            for t in range(self.n_vocab)
+            if ll.llama_vocab_get_attr(self._vocab, t) & ll.LLAMA_TOKEN_ATTR_CONTROL
+        ]
         self._batch_capacity = settings.batch
         self._batch = ll.llama_batch_init(settings.batch, 0, 1)
         self._samplers: dict[str, Any] = {}  # request_id -> llama_sampler chain
         self._piece_buf = ctypes.create_string_buffer(256)
         self._embedders: list[LlamaCppEmbedder] = []  # closed before the model is freed
+        spec = SandboxSpec(path, self.n_vocab, _GRAMMAR_BYTES, settings.grammar_memory << 20)
+        self.sandboxes = SandboxPool(spec, spare=1)
+        self.grammar_timeout = settings.grammar_timeout
+        self._grammar = GrammarSamplers(self.sandboxes, settings.grammar_wait, self.grammar_timeout)
 
     # -- Runner ------------------------------------------------------------------------------
 
@@ -104,17 +114,32 @@ class LlamaCppBackend:
             sampler = self._samplers.pop(request_id, None)
             if sampler is not None:
                 ll.llama_sampler_free(sampler)
-        if not work.chunks:
-            return RunnerOutput(sampled={})
-        to_sample = self._fill_batch(work.chunks)
-        rc = ll.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with code {rc}")
-        sampled: dict[str, int] = {}
-        for chunk, index in to_sample:
-            sampler = self._sampler_for(chunk)
-            sampled[chunk.request_id] = int(ll.llama_sampler_sample(sampler, self._ctx, index))
-        return RunnerOutput(sampled=sampled)
+            self._grammar.release(request_id)
+        out = RunnerOutput(sampled={})
+        submitted: set[str] = set()
+        if work.chunks:
+            to_sample = self._fill_batch(work.chunks)
+            rc = ll.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc}")
+            for chunk, index in to_sample:
+                if chunk.sampling.grammar is None:
+                    token = ll.llama_sampler_sample(self._sampler_for(chunk), self._ctx, index)
+                    out.sampled[chunk.request_id] = int(token)
+                    continue
+                # a grammar runs in its sandbox; its token may come back in a later step
+                row = ctypes.addressof(ll.llama_get_logits_ith(self._ctx, index).contents)
+                error = self._grammar.submit(chunk.request_id, chunk.sampling, row)
+                if error is not None:
+                    out.failed[chunk.request_id] = error
+                else:
+                    submitted.add(chunk.request_id)
+        if self._grammar.pending:
+            # wait (briefly) only for this step's answers; with nothing decoded, for any
+            late, failed = self._grammar.collect(submitted if work.chunks else None)
+            out.sampled |= late
+            out.failed |= failed
+        return out
 
     def _apply(self, op: KvOp) -> None:
         if op.copy_from is not None:
@@ -158,47 +183,8 @@ class LlamaCppBackend:
     def _sampler_for(self, chunk: ScheduledChunk) -> Any:
         sampler = self._samplers.get(chunk.request_id)
         if sampler is None:
-            sampler = self._samplers[chunk.request_id] = self._build_chain(chunk.sampling)
+            sampler = self._samplers[chunk.request_id] = build_chain(self.n_vocab, chunk.sampling)
         return sampler
-
-    def _build_chain(self, s: SamplingParams) -> Any:
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        add = functools.partial(ll.llama_sampler_chain_add, chain)
-        if s.grammar is not None:
-            # first, so every later sampler only sees tokens the grammar allows
-            grammar = ll.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
-            if not grammar:
-                ll.llama_sampler_free(chain)
-                raise EngineError("llama.cpp refused a grammar that passed its check")
-            add(grammar)
-        if s.logit_bias:
-            biases = (ll.llama_logit_bias * len(s.logit_bias))(
-                *(ll.llama_logit_bias(token, bias) for token, bias in s.logit_bias)
-            )
-            add(ll.llama_sampler_init_logit_bias(self.n_vocab, len(s.logit_bias), biases))
-        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            add(
-                ll.llama_sampler_init_penalties(
-                    self.n_vocab,
-                    s.penalty_last_n,
-                    s.repeat_penalty,
-                    s.frequency_penalty,
-                    s.presence_penalty,
-                )
-            )
-        if s.temperature <= 0.0:
-            add(ll.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            add(ll.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            add(ll.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0.0:
-            add(ll.llama_sampler_init_min_p(s.min_p, 1))
-        add(ll.llama_sampler_init_temp(s.temperature))
-        seed = s.seed if s.seed is not None else random.getrandbits(32)
-        add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
 
     def embedder(self, pooling: str, threads: int) -> LlamaCppEmbedder:
         """A second context on the same weights, computing pooled embeddings."""
@@ -210,6 +196,8 @@ class LlamaCppBackend:
         for sampler in self._samplers.values():
             ll.llama_sampler_free(sampler)
         self._samplers.clear()
+        self._grammar.close()
+        self.sandboxes.close()
         for embedder in self._embedders:
             embedder.close()
         if self._ctx:
@@ -234,15 +222,15 @@ class LlamaCppBackend:
         return buf.raw[:n]
 
     def grammar_error(self, grammar: str) -> str | None:
-        """None when llama.cpp compiles `grammar`; else why not (its log has the detail)."""
-        sampler = ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-        if not sampler:
-            return "llama.cpp could not compile the grammar built from it"
-        ll.llama_sampler_free(sampler)
-        return None
+        """None when llama.cpp compiles `grammar` in a sandbox in time; else why not. Never
+        compiled in this process: a grammar nested deeply enough crashes llama.cpp's parser."""
+        return self.sandboxes.check(grammar, self.grammar_timeout)
 
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self._vocab, token))
+
+    def control_texts(self) -> list[str]:
+        return list(self._control_texts)
 
 
 _POOLING = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 import threading
@@ -64,15 +63,6 @@ def root(
     """Run language models privately on hardware you own."""
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @app.command()
 @user_errors
 def serve(
@@ -119,6 +109,14 @@ def serve(
         envvar="EDGELLM_API_KEY",
         help="Require this key (Authorization: Bearer KEY or X-Api-Key: KEY).",
     ),
+    allowed_origins: str | None = typer.Option(
+        None,
+        help="Web origins whose pages may call the API, comma-separated (default: none but "
+        "the server's own).",
+    ),
+    allowed_hosts: str | None = typer.Option(
+        None, help="Host names accepted besides loopback names and the bound address."
+    ),
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     config: Path | None = typer.Option(None, help="TOML config file with [server] and [engine]."),
 ) -> None:
@@ -130,6 +128,8 @@ def serve(
     import uvicorn
 
     from edgellm.server import create_app
+    from edgellm.server.app import is_loopback
+    from edgellm.server.connections import raise_open_files_limit, uvicorn_options
     from edgellm.serving import prepare_model
     from edgellm.settings import EngineSettings, ServerSettings
 
@@ -141,6 +141,8 @@ def serve(
         model_id=model_id,
         reasoning=reasoning,
         api_key=api_key,
+        allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
     )
     engine_settings = EngineSettings.load(
         config,
@@ -154,7 +156,7 @@ def serve(
         prefix_cache=prefix_cache,
         pooling=pooling,
     )
-    if not _is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
+    if not is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
         raise EdgeLLMError(
             f"refusing to bind {server_settings.host} without API keys; "
             "bind 127.0.0.1, set --api-key, or pass --insecure"
@@ -162,6 +164,7 @@ def serve(
     model = prepare_model(server_settings, engine_settings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app_ = create_app(server_settings, [model])
+    raise_open_files_limit()
     uv = uvicorn.Server(
         uvicorn.Config(
             app_,
@@ -169,6 +172,11 @@ def serve(
             port=server_settings.port,
             log_level=server_settings.log_level,
             timeout_graceful_shutdown=5,
+            **uvicorn_options(
+                header_timeout_s=server_settings.header_timeout,
+                keep_alive_s=server_settings.keep_alive,
+                max_connections=server_settings.max_connections,
+            ),
         )
     )
     base = f"http://{server_settings.host}:{server_settings.port}/v1"

@@ -15,7 +15,7 @@ from edgellm.engine.request import Request, RequestStatus, finish_reason
 from edgellm.engine.runner import Runner, Tokenizer
 from edgellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from edgellm.engine.text import TextStream
-from edgellm.errors import EngineError, NotReady
+from edgellm.errors import EdgeLLMError, EngineError, NotReady, OutputConstraintError
 
 log = logging.getLogger("edgellm.engine")
 
@@ -31,7 +31,7 @@ class RequestOutput:
     prompt_tokens: int  # tokens in the prompt
     completion_tokens: int  # tokens generated so far, not counting a final end-of-generation
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not computed
-    error: str | None = None  # set when the engine failed this request
+    error: EdgeLLMError | None = None  # why the request ended early (finish reason "error")
 
 
 class Engine:
@@ -57,16 +57,26 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         work = self.scheduler.schedule()
         result = self.runner.execute(work)
-        return [self._update(rid, token) for rid, token in result.sampled.items()]
+        failed = [self._fail(rid, OutputConstraintError(why)) for rid, why in result.failed.items()]
+        return failed + [self._update(rid, token) for rid, token in result.sampled.items()]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Abort every request after an engine error, telling each client why."""
         outputs = []
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
             self.abort(request.request_id)
-            outputs.append(self._output(request, "", error=message))
+            outputs.append(self._output(request, "", error=EngineError(message)))
         self.scheduler.drop_cache()
         return outputs
+
+    def _fail(self, request_id: str, error: EdgeLLMError) -> RequestOutput:
+        """End one request whose next token cannot be chosen."""
+        request = self.scheduler.get(request_id)
+        if request is None:
+            raise EngineError(f"runner failed unknown request {request_id}")
+        self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        del self._streams[request_id]
+        return self._output(request, "", error=error)
 
     def _update(self, request_id: str, token: int) -> RequestOutput:
         request = self.scheduler.get(request_id)
@@ -88,7 +98,9 @@ class Engine:
             del self._streams[request_id]
         return self._output(request, text)
 
-    def _output(self, request: Request, text: str, error: str | None = None) -> RequestOutput:
+    def _output(
+        self, request: Request, text: str, error: EdgeLLMError | None = None
+    ) -> RequestOutput:
         generated = len(request.output_tokens)
         if (
             request.status is RequestStatus.FINISHED_STOPPED

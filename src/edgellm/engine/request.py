@@ -12,6 +12,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # EOS or a stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens reached
     FINISHED_ABORTED = "finished_aborted"  # client went away or cancelled
+    FINISHED_ERROR = "finished_error"  # the request could not go on (its grammar, its sampler)
 
     @property
     def finished(self) -> bool:
@@ -23,6 +24,7 @@ _FINISH_REASON: dict[RequestStatus, str] = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -30,11 +32,17 @@ def finish_reason(status: RequestStatus) -> str | None:
     return _FINISH_REASON.get(status)
 
 
+# Temperatures below this sample greedily: dividing logits by a smaller one overflows them.
+GREEDY_BELOW = 1e-3
+# logit_bias values are clamped to this range (OpenAI's); larger ones add nothing but overflow.
+MAX_LOGIT_BIAS = 100.0
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """Per-request sampling; applied by the backend's sampler chain."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included) means greedy
     top_p: float = 1.0  # nucleus mass kept; 1 disables
     top_k: int = 0  # tokens kept; 0 disables
     min_p: float = 0.0  # relative probability floor; 0 disables
@@ -47,7 +55,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end generation; never shown to the client
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF (root rule "root") the output must follow
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, |b| <= 100)
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +72,7 @@ class Request:
     num_computed: int = 0  # tokens of `all_tokens` whose KV cells exist in `seq_id`
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found resident at first admission (prefix cache)
+    awaiting_token: bool = False  # its next token is being chosen (possibly over several steps)
 
     @property
     def all_tokens(self) -> list[int]:

@@ -45,7 +45,12 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    sampled: dict[str, int]  # request_id -> token id, for every chunk with sample=True
+    # request_id -> token id. A chunk with sample=True gets its token here in the same step,
+    # or (a sampler that runs out of process, e.g. a grammar's) in a later step's output.
+    sampled: dict[str, int]
+    # request_id -> why its next token cannot be chosen (its output format allows none, its
+    # grammar sandbox timed out or died): the request ends with an error.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class Runner(Protocol):
@@ -54,7 +59,8 @@ class Runner(Protocol):
     n_ctx: int  # total KV cells in the shared cache
 
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
-        """Apply `work.kv_ops`, decode all chunks in one batch, sample where asked."""
+        """Apply `work.kv_ops`, free what `work.finished_requests` held, decode all chunks in
+        one batch, sample where asked. Never returns tokens for finished requests."""
         ...
 
     def close(self) -> None: ...
@@ -70,6 +76,11 @@ class Tokenizer(Protocol):
     def token_to_piece(self, token: int) -> bytes: ...
 
     def is_eog(self, token: int) -> bool: ...
+
+    def control_texts(self) -> list[str]:
+        """How each control token is spelled (`<|im_end|>`, ...): text that special-token
+        parsing would turn into that token."""
+        ...
 
     def grammar_error(self, grammar: str) -> str | None:
         """None when the backend can enforce this GBNF grammar, else why not."""

@@ -132,6 +132,7 @@ class Scheduler:
 
     def append_token(self, request: Request, token: int) -> None:
         request.output_tokens.append(token)
+        request.awaiting_token = False
 
     def drop_cache(self) -> None:
         """Forget every cached prefix (the KV cells cannot be trusted after an engine error)."""
@@ -219,7 +220,8 @@ class Scheduler:
             if op is not None:
                 self._kv_ops.append(op)
                 continue
-            victim = self.running[-1]
+            # never one whose token is still being chosen (it would be sampled twice)
+            victim = next(r for r in reversed(self.running) if not r.awaiting_token or r is request)
             self._preempt(victim)
             if victim is request:
                 return False
@@ -267,12 +269,14 @@ class Scheduler:
         request.num_computed += n
         self.cells_used += n
         assert request.seq_id is not None  # invariant: RUNNING requests hold a sequence
+        sample = request.num_computed == request.num_tokens
+        request.awaiting_token = sample
         return ScheduledChunk(
             request_id=request.request_id,
             seq_id=request.seq_id,
             tokens=tokens,
             start_pos=start,
-            sample=request.num_computed == request.num_tokens,
+            sample=sample,
             sampling=request.sampling,
         )
 

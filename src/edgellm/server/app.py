@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from edgellm import __version__
 from edgellm.engine.engine import describe
 from edgellm.server.auth import ApiKeyAuth
 from edgellm.server.errors import install_error_handlers
-from edgellm.server.limits import BodyLimit
+from edgellm.server.guard import GuardPolicy, RequestGuard
 from edgellm.server.models import ModelTable, ServedModel
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
@@ -73,7 +75,32 @@ def create_app(settings: ServerSettings, models: list[ServedModel]) -> FastAPI:
         body["status"] = status
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # outermost last: the guard, then CORS (preflights carry no key), then the key check
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
+        )
+    policy = GuardPolicy.build(
+        host=settings.host,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout,
+        allowed_origins=settings.allowed_origins,
+        allowed_hosts=settings.allowed_hosts,
+        loopback=is_loopback(settings.host),
+    )
+    app.add_middleware(RequestGuard, policy=policy)
     return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgellm.errors import EdgeLLMError, QueueFull
+from edgellm.errors import EdgeLLMError, EngineError, QueueFull
 
 log = logging.getLogger("edgellm.server")
 
@@ -71,14 +71,38 @@ def reply(
     return envelope(status, message, error_type, param, code, headers)
 
 
-def error_response(request: Request, exc: EdgeLLMError) -> JSONResponse:
+def shown_message(exc: EdgeLLMError) -> str:
+    """What a client may read: our own message, except for internal errors."""
+    if exc.status_code < 500 or exc.status_code == 503 or isinstance(exc, EngineError):
+        return exc.message
+    return "internal server error"
+
+
+def render_for_path(path: str, exc: EdgeLLMError) -> JSONResponse:
+    """The error in the envelope of the API `path` belongs to."""
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    message = (
-        exc.message
-        if exc.status_code < 500 or exc.status_code == 503
-        else ("internal server error")
-    )
-    return reply(request, exc.status_code, message, exc.error_type, exc.param, exc.code, headers)
+    message = shown_message(exc) if exc.status_code != 500 else "internal server error"
+    if is_ollama(path):
+        return ollama_envelope(exc.status_code, message, exc.param, headers)
+    return envelope(exc.status_code, message, exc.error_type, exc.param, exc.code, headers)
+
+
+def error_response(request: Request, exc: EdgeLLMError) -> JSONResponse:
+    return render_for_path(request.url.path, exc)
+
+
+def ollama_message(exc: EdgeLLMError) -> str:
+    """Ollama's error text: the message, prefixed by the field it is about."""
+    message = shown_message(exc)
+    return f"{exc.param}: {message}" if exc.param and not message.startswith(exc.param) else message
+
+
+def stream_error(exc: EdgeLLMError) -> dict[str, Any]:
+    """The OpenAI error object written into an SSE stream that already began."""
+    message = shown_message(exc)
+    return {
+        "error": {"message": message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+    }
 
 
 def param_from_loc(loc: Sequence[int | str]) -> str | None:

@@ -4,16 +4,13 @@ which differ only in how they write these events."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from fastapi import Request
-
 from edgellm.engine import RequestOutput, RequestStream
-from edgellm.errors import EngineError
+from edgellm.errors import EngineError, OutputConstraintError
 from edgellm.reasoning import ReasoningSplitter
 from edgellm.server.models import ChatPlan
 from edgellm.tools import ToolCall, ToolCallScanner
@@ -72,8 +69,11 @@ class Generation:
         )
         first: float | None = None
         async for output in self.stream:
-            if output.error:
-                raise EngineError(output.error)
+            if output.error is not None:
+                error = output.error
+                if isinstance(error, OutputConstraintError) and plan is not None:
+                    error.param = error.param or plan.grammar_param
+                raise error
             if first is None:
                 first = time.monotonic()
             reasoning, content = splitter.push(output.text) if splitter else ("", output.text)
@@ -99,26 +99,3 @@ class Generation:
             reasoning.append(event.reasoning)
             content.append(event.content)
         raise EngineError("the request ended without output")  # pragma: no cover
-
-
-async def unless_disconnected(
-    request: Request, stream: RequestStream, work: Callable[[], Awaitable[T]]
-) -> T:
-    """Await `work`, aborting the generation if the client goes away first."""
-    task = asyncio.ensure_future(work())
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            stream.abort()
-    if task.cancelled():
-        raise asyncio.CancelledError  # the client is gone; nothing to answer
-    return task.result()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -11,13 +11,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fastapi import Request as HttpRequest
+
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Request, SamplingParams, Tokenizer
 from edgellm.errors import ContextOverflow, ModelNotFound, NotReady, ValidationError
 from edgellm.modelfile import ModelInfo
 from edgellm.reasoning import ReasoningFormat, opens_reasoning
+from edgellm.server.disconnect import unless_disconnected
 from edgellm.structured import tool_call_grammar
 from edgellm.tools import Tool, fallback_instructions, render_call
+from edgellm.user_text import UserText
 
 
 class Embedder(Protocol):
@@ -37,6 +41,7 @@ class ChatPlan:
     in_reasoning: bool  # the prompt ends inside an opened reasoning block
     include_reasoning: bool  # whether the client gets the reasoning
     param: str  # the request field the prompt came from, for errors
+    grammar_param: str | None = None  # the request field the grammar came from, for errors
 
 
 @dataclass(slots=True)
@@ -50,37 +55,47 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     make_embedder: Callable[[], Embedder] | None = None  # built on first use
     _embedder: Embedder | None = None
+    _user_text: UserText | None = None
     _embed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def embed(
-        self, texts: list[str], *, truncate: bool, param: str
+        self, request: HttpRequest, texts: list[str], *, truncate: bool, param: str
     ) -> tuple[list[list[float]], int]:
-        """Pooled embeddings of `texts` (unnormalised) and the tokens they took."""
-        return await asyncio.to_thread(self._embed, texts, truncate, param)
+        """Pooled embeddings of `texts` (unnormalised) and the tokens they took; stops between
+        inputs when the client of `request` goes away."""
+        cancel = threading.Event()
+        return await unless_disconnected(
+            request,
+            cancel.set,
+            lambda: asyncio.to_thread(self._embed, texts, truncate, param, cancel),
+        )
 
-    def _embed(self, texts: list[str], truncate: bool, param: str) -> tuple[list[list[float]], int]:
+    def _embed(
+        self, texts: list[str], truncate: bool, param: str, cancel: threading.Event
+    ) -> tuple[list[list[float]], int]:
         if self.make_embedder is None:
             raise ValidationError(f"the model '{self.model_id}' has no embeddings", param="model")
         with self._embed_lock:
             if self._embedder is None:
                 self._embedder = self.make_embedder()
-            embedder = self._embedder
-            vectors, total = [], 0
-            for i, text in enumerate(texts):
-                where = f"{param}[{i}]" if len(texts) > 1 else param
-                tokens = self.tokenizer.tokenize(text, add_special=True, parse_special=False)
-                if not text or not tokens:
-                    raise ValidationError("an embedding input is empty", param=where)
-                if len(tokens) > embedder.n_ctx:
-                    if not truncate:
-                        raise ContextOverflow(
-                            f"the input is {len(tokens)} tokens; embeddings take at most "
-                            f"{embedder.n_ctx}",
-                            param=where,
-                        )
-                    tokens = tokens[: embedder.n_ctx]
-                vectors.append(embedder.embed(tokens))
-                total += len(tokens)
+        embedder = self._embedder
+        n_ctx = embedder.n_ctx
+        vectors, total = [], 0
+        for i, text in enumerate(texts):
+            where = f"{param}[{i}]" if len(texts) > 1 else param
+            tokens = self.tokenizer.tokenize(text, add_special=True, parse_special=False)
+            if not text or not tokens:
+                raise ValidationError("an embedding input is empty", param=where)
+            if len(tokens) > n_ctx and not truncate:
+                raise ContextOverflow(
+                    f"the input is {len(tokens)} tokens; embeddings take at most {n_ctx}",
+                    param=where,
+                )
+            if cancel.is_set():
+                break  # the client is gone: nobody will read the rest
+            with self._embed_lock:  # one input at a time: requests take turns between inputs
+                vectors.append(embedder.embed(tokens[:n_ctx]))
+            total += len(tokens[:n_ctx])
         return vectors, total
 
     @property
@@ -100,6 +115,7 @@ class ServedModel:
         tools: list[Tool] | None = None,
         tool_choice: str = "auto",
         grammar: str | None = None,
+        grammar_param: str | None = None,
         think: bool | None = None,
         include_reasoning: bool = True,
         param: str = "messages",
@@ -109,6 +125,8 @@ class ServedModel:
         `messages` are dicts with role, content (str) and optionally tool_calls
         ([{"id", "name", "arguments"}]), tool_call_id and name. `tool_choice` is "auto",
         "none", "required" or a tool's name; "required" and a name force one call by grammar.
+        `grammar_param` names the field `grammar` came from. Blocking (the grammar is compiled
+        in a sandbox, the prompt tokenized): call it from a worker thread.
         """
         if think and self.reasoning is None:
             raise ValidationError(
@@ -134,14 +152,17 @@ class ServedModel:
                     param="tool_choice",
                 )
             grammar = tool_call_grammar([(t.name, t.parameters) for t in tools], "tools")
+            grammar_param = "tools"
         if grammar is not None:
+            grammar_param = grammar_param or "response_format"
             reason = self.tokenizer.grammar_error(grammar)
             if reason is not None:
-                raise ValidationError(reason, param="tools" if tools else "response_format")
-        text = self._render(messages, tools, think)
+                raise ValidationError(f"{grammar_param}: {reason}", param=grammar_param)
+        originals: list[str] = []
+        text = self._render(messages, tools, think, originals)
         bos = self.template.bos_token
-        prompt = self.tokenizer.tokenize(
-            text, add_special=not (bos and text.startswith(bos)), parse_special=True
+        prompt = self.user_text.tokenize(
+            text, originals, self._tokenize, add_special=not (bos and text.startswith(bos))
         )
         in_reasoning = self.reasoning is not None and opens_reasoning(text, self.reasoning)
         return ChatPlan(
@@ -152,9 +173,27 @@ class ServedModel:
             in_reasoning=in_reasoning,
             include_reasoning=include_reasoning and think is not False,
             param=param,
+            grammar_param=grammar_param,
         )
 
-    def _render(self, messages: list[dict[str, Any]], tools: list[Tool], think: bool | None) -> str:
+    @property
+    def user_text(self) -> UserText:
+        """Control-token spellings of this model's vocabulary, kept out of client text."""
+        if self._user_text is None:
+            self._user_text = UserText(self.tokenizer.control_texts())
+        return self._user_text
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[Tool],
+        think: bool | None,
+        originals: list[str],
+    ) -> str:
+        """The prompt text, client strings protected by placeholders (`originals`)."""
         native = self.template.supports_tools
         rendered = []
         for m in messages:
@@ -180,7 +219,7 @@ class ServedModel:
             rendered.append(out)
         extra: dict[str, Any] = {}
         if tools and native:
-            extra["tools"] = [t.as_openai() for t in tools]
+            extra["tools"] = self.user_text.protect([t.as_openai() for t in tools], originals)
         elif tools:
             instructions = fallback_instructions(tools)
             if rendered and rendered[0]["role"] == "system":
@@ -189,6 +228,7 @@ class ServedModel:
                 rendered.insert(0, {"role": "system", "content": instructions})
         if think is not None:
             extra["enable_thinking"] = think
+        rendered = self.user_text.protect(rendered, originals)
         return self.template.render(rendered, add_generation_prompt=True, **extra)
 
     def completion_prompt(self, prompt: object) -> list[int]:

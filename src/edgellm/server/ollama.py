@@ -24,14 +24,29 @@ from pydantic import Field, field_validator
 
 from edgellm import __version__
 from edgellm.engine import SamplingParams
-from edgellm.errors import EngineError, ValidationError
-from edgellm.server.generation import Final, Generation, Piece, unless_disconnected
+from edgellm.errors import EdgeLLMError, ValidationError
+from edgellm.server.disconnect import unless_disconnected
+from edgellm.server.errors import ollama_message
+from edgellm.server.generation import Final, Generation, Piece
+from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.models import ChatPlan, ModelTable, ServedModel
 from edgellm.server.openai import normalised, submit
-from edgellm.server.wire import MAX_TOKENS_LIMIT, ToolDef, Wire, check_logit_bias
+from edgellm.server.wire import (
+    MAX_EMBED_INPUTS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_MESSAGES,
+    MAX_PROMPT_TOKEN_IDS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    ToolDef,
+    Wire,
+    check_logit_bias,
+    check_stops,
+)
 from edgellm.structured import json_object_grammar, schema_grammar
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", route_class=ParsedJsonRoute)
 
 _NS = 1_000_000_000
 
@@ -51,9 +66,12 @@ class Options(Wire):
     repeat_last_n: int | None = Field(None, ge=-1, le=1 << 16)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, description="edgellm extension")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_ENTRIES, description="edgellm extension"
+    )
 
     _check_bias = field_validator("logit_bias")(check_logit_bias)
+    _check_stop = field_validator("stop")(check_stops)
 
 
 class _Generating(Options):
@@ -74,7 +92,7 @@ class _Generating(Options):
 
 
 class OllamaToolFunction(Wire):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=256)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -86,14 +104,14 @@ class OllamaMessage(Wire):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     thinking: str | None = None
-    images: list[str] | None = None
-    tool_calls: list[OllamaToolCall] | None = None
-    tool_name: str | None = None
+    images: list[str] | None = Field(None, max_length=16)
+    tool_calls: list[OllamaToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)
+    tool_name: str | None = Field(None, max_length=256)
 
 
 class ChatBody(_Generating):
-    messages: list[OllamaMessage] = Field(default_factory=list, max_length=4096)
-    tools: list[ToolDef] | None = Field(None, max_length=128)
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
 
 
 class GenerateBody(_Generating):
@@ -101,13 +119,13 @@ class GenerateBody(_Generating):
     suffix: str | None = None
     system: str | None = None
     raw: bool = False
-    images: list[str] | None = None
-    context: list[int] | None = None
+    images: list[str] | None = Field(None, max_length=16)
+    context: list[int] | None = Field(None, max_length=MAX_PROMPT_TOKEN_IDS)
 
 
 class EmbedBody(Wire):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1, max_length=MAX_EMBED_INPUTS)
     truncate: bool = True
     options: Options | None = None
     keep_alive: str | int | float | None = None
@@ -295,13 +313,18 @@ async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResp
                 for c in m.tool_calls
             ]
         messages.append(d)
-    plan = model.plan_chat(
-        messages,
-        tools=[t.tool() for t in body.tools or []],
-        grammar=_grammar(body.format),
-        think=body.thinking,
-    )
-    return await _run(request, model, body, plan.prompt, plan, "message")
+
+    def plan() -> ChatPlan:  # schema conversion, grammar check, rendering, tokenizing
+        return model.plan_chat(
+            messages,
+            tools=[t.tool() for t in body.tools or []],
+            grammar=_grammar(body.format),
+            grammar_param="format",
+            think=body.thinking,
+        )
+
+    chat_plan = await asyncio.to_thread(plan)
+    return await _run(request, model, body, chat_plan.prompt, chat_plan, "message")
 
 
 @router.post("/generate", response_model=None)
@@ -317,18 +340,25 @@ async def generate(body: GenerateBody, request: Request) -> JSONResponse | Strea
     if bad is not None:
         raise ValidationError(f"token id {bad} is outside the vocabulary", param="context")
     plan: ChatPlan | None = None
-    if body.raw:
+    if body.raw:  # the prompt as the model sees it, control tokens included
         if body.format or body.thinking:
             raise ValidationError("raw prompts take neither format nor think", param="raw")
-        prompt = model.tokenizer.tokenize(body.prompt, add_special=not context, parse_special=True)
+        prompt = await asyncio.to_thread(
+            model.tokenizer.tokenize, body.prompt, add_special=not context, parse_special=True
+        )
     else:
         system = [{"role": "system", "content": body.system}] if body.system else []
-        plan = model.plan_chat(
-            [*system, {"role": "user", "content": body.prompt}],
-            grammar=_grammar(body.format),
-            think=body.thinking,
-            param="prompt",
-        )
+
+        def make_plan() -> ChatPlan:
+            return model.plan_chat(
+                [*system, {"role": "user", "content": body.prompt}],
+                grammar=_grammar(body.format),
+                grammar_param="format",
+                think=body.thinking,
+                param="prompt",
+            )
+
+        plan = await asyncio.to_thread(make_plan)
         prompt = plan.prompt
     return await _run(request, model, body, context + prompt, plan, "response")
 
@@ -356,7 +386,7 @@ async def _run(
     shape = _Shape(_tag(model), field, plan is not None and plan.include_reasoning)
     if body.stream:
         return StreamingResponse(_ndjson(generation, shape), media_type="application/x-ndjson")
-    done = await unless_disconnected(request, stream, generation.collect)
+    done = await unless_disconnected(request, stream.abort, generation.collect)
     piece = shape.piece(Piece(done.reasoning, done.content), done.final)
     return JSONResponse({**piece, **shape.final(done.final)})
 
@@ -415,8 +445,8 @@ async def _ndjson(generation: Generation, shape: _Shape) -> AsyncIterator[bytes]
                 yield line(shape.piece(event))
             else:
                 yield line({**shape.piece(Piece("", ""), event), **shape.final(event)})
-    except EngineError as exc:
-        yield line({"error": exc.message})
+    except EdgeLLMError as exc:
+        yield line({"error": ollama_message(exc)})
     finally:
         generation.stream.abort()
 
@@ -428,7 +458,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
     started = time.monotonic()
-    vectors, n_tokens = await model.embed(texts, truncate=body.truncate, param="input")
+    vectors, n_tokens = await model.embed(request, texts, truncate=body.truncate, param="input")
     return {
         "model": _tag(model),
         "embeddings": [normalised(v) for v in vectors],
@@ -444,5 +474,5 @@ async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     model = _models(request).get(body.model)
     if not body.prompt:
         return {"embedding": []}
-    vectors, _ = await model.embed([body.prompt], truncate=True, param="prompt")
+    vectors, _ = await model.embed(request, [body.prompt], truncate=True, param="prompt")
     return {"embedding": vectors[0]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -16,10 +17,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from edgellm.engine import Request as EngineRequest
 from edgellm.engine import RequestOutput, RequestStream, SamplingParams
-from edgellm.errors import ContextOverflow, EngineError, ValidationError
-from edgellm.server.generation import Collected, Generation, Piece, unless_disconnected
+from edgellm.errors import ContextOverflow, EdgeLLMError, ValidationError
+from edgellm.server.disconnect import unless_disconnected
+from edgellm.server.errors import stream_error
+from edgellm.server.generation import Collected, Generation, Piece
+from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.models import ChatPlan, ModelTable, ServedModel
 from edgellm.server.wire import (
+    MAX_EMBED_INPUTS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -31,9 +36,7 @@ from edgellm.server.wire import (
 from edgellm.structured import json_object_grammar, schema_grammar
 from edgellm.tools import ToolCall
 
-router = APIRouter(prefix="/v1")
-
-MAX_EMBED_INPUTS = 2048
+router = APIRouter(prefix="/v1", route_class=ParsedJsonRoute)
 
 
 def _models(request: Request) -> ModelTable:
@@ -65,7 +68,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
         raise ValidationError("token id inputs are not supported; send text", param="input")
     if len(texts) > MAX_EMBED_INPUTS:
         raise ValidationError(f"at most {MAX_EMBED_INPUTS} inputs per request", param="input")
-    vectors, n_tokens = await model.embed(texts, truncate=False, param="input")
+    vectors, n_tokens = await model.embed(request, texts, truncate=False, param="input")
     data = []
     for i, vector in enumerate(vectors):
         unit = normalised(vector)
@@ -139,17 +142,16 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _response_grammar(fmt: ResponseFormat | None) -> str | None:
+def _response_grammar(fmt: ResponseFormat | None) -> tuple[str | None, str | None]:
+    """The grammar a response_format asks for, and the field it came from."""
     if fmt is None or fmt.type == "text":
-        return None
+        return None, None
     if fmt.type == "json_object":
-        return json_object_grammar()
+        return json_object_grammar(), "response_format"
+    param = "response_format.json_schema.schema"
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise ValidationError(
-            "json_schema.schema is required with type json_schema",
-            param="response_format.json_schema.schema",
-        )
-    return schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        raise ValidationError("json_schema.schema is required with type json_schema", param=param)
+    return schema_grammar(fmt.json_schema.schema_, param), param
 
 
 def _tool_choice(body: ChatCompletionRequest) -> str:
@@ -167,15 +169,21 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     _check_supported(body)
     model = _models(request).get(body.model)
-    plan = model.plan_chat(
-        message_dicts(body.messages),
-        tools=[t.tool() for t in body.tools or []],
-        tool_choice=_tool_choice(body),
-        grammar=_response_grammar(body.response_format),
-        think=body.think,
-        include_reasoning=body.include_reasoning,
-    )
-    return await _run(request, model, body, plan.prompt, plan)
+
+    def plan() -> ChatPlan:  # schema conversion, grammar check, rendering, tokenizing
+        grammar, grammar_param = _response_grammar(body.response_format)
+        return model.plan_chat(
+            message_dicts(body.messages),
+            tools=[t.tool() for t in body.tools or []],
+            tool_choice=_tool_choice(body),
+            grammar=grammar,
+            grammar_param=grammar_param,
+            think=body.think,
+            include_reasoning=body.include_reasoning,
+        )
+
+    chat = await asyncio.to_thread(plan)
+    return await _run(request, model, body, chat.prompt, chat)
 
 
 @router.post("/completions", response_model=None)
@@ -186,7 +194,7 @@ async def completions(
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")
     model = _models(request).get(body.model)
-    prompt = model.completion_prompt(body.prompt)
+    prompt = await asyncio.to_thread(model.completion_prompt, body.prompt)
     return await _run(request, model, body, prompt, None)
 
 
@@ -226,7 +234,7 @@ async def _run(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    done = await unless_disconnected(request, stream, generation.collect)
+    done = await unless_disconnected(request, stream.abort, generation.collect)
     final = done.final
     if chat:
         choice: dict[str, Any] = {"index": 0, "message": _message(done, plan), "logprobs": None}
@@ -319,9 +327,8 @@ async def _sse(
             yield chunk({} if chat else {"text": ""}, event.finish_reason)
             if include_usage:
                 yield _sse_event({**base, "choices": [], "usage": _usage(event.output)})
-    except EngineError as exc:
-        error = {"message": exc.message, "type": "server_error", "param": None, "code": None}
-        yield _sse_event({"error": error})
+    except EdgeLLMError as exc:
+        yield _sse_event(stream_error(exc))
     finally:
         generation.stream.abort()  # no-op when finished; frees the sequence when the client left
     yield b"data: [DONE]\n\n"

@@ -3,31 +3,64 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from edgellm.engine.request import MAX_LOGIT_BIAS
 from edgellm.errors import ValidationError
 from edgellm.tools import Tool
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1 << 24  # far beyond any context; the context check gives the real bound
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024  # text parts in one message
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128  # in one message
+MAX_EMBED_INPUTS = 2048
+MAX_PROMPT_TOKEN_IDS = 1 << 20  # a prompt (or Ollama context) given as token ids
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
     for token, bias in (value or {}).items():
-        if not token.isdigit():
-            raise ValueError(f"keys are token ids, not {token!r}")
-        if not -100.0 <= bias <= 100.0:
-            raise ValueError("biases are between -100 and 100")
+        if not _TOKEN_ID.fullmatch(token):
+            raise ValueError(f"keys are token ids (up to 10 ASCII digits), not {token[:20]!r}")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"biases are between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
+    return value
+
+
+def check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
+    return value
+
+
+def json_argument(text: str) -> Any:
+    """A JSON text from inside a request (tool-call arguments), bounded like a body."""
+    from edgellm.server.guard import MAX_JSON_DEPTH, check_json
+
+    try:
+        value = json.loads(text or "{}")
+        check_json(value)
+    except RecursionError:
+        raise ValueError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValidationError as exc:
+        raise ValueError(exc.message) from None
     return value
 
 
 class Wire(BaseModel):
     """Base of request bodies: unknown fields are accepted and ignored, as peers do."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
 
 class TextPart(Wire):
@@ -46,9 +79,9 @@ class FunctionCall(Wire):
         if isinstance(self.arguments, dict):
             return self.arguments
         try:
-            value = json.loads(self.arguments or "{}")
-        except ValueError:
-            value = None
+            value = json_argument(self.arguments)
+        except ValueError as exc:
+            raise ValidationError(f"arguments must be a JSON object ({exc})", param=param) from None
         if not isinstance(value, dict):
             raise ValidationError("arguments must be a JSON object", param=param)
         return value
@@ -62,10 +95,19 @@ class MessageToolCall(Wire):
 
 class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
-    tool_call_id: str | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
+        None, validate_default=True
+    )
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)
+    tool_call_id: str | None = Field(None, max_length=256)
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("content is required (only an assistant message may omit it)")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -132,19 +174,10 @@ class _SamplingFields(Wire):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="edgellm extension, for benchmarks")
-    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
 
     _check_bias = field_validator("logit_bias")(check_logit_bias)
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
-        return value
+    _check_stop = field_validator("stop")(check_stops)
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -156,10 +189,10 @@ class _SamplingFields(Wire):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None
-    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; at most one call per turn is forced
     response_format: ResponseFormat | None = None
@@ -172,7 +205,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
+    prompt: str | list[str] | list[int] = Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)
     echo: bool = False
     logprobs: int | None = None
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default here
@@ -203,7 +236,9 @@ def model_card(model_id: str, created: int, extra: dict[str, Any] | None = None)
 
 class EmbeddingRequest(Wire):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        min_length=1, max_length=MAX_PROMPT_TOKEN_IDS
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None

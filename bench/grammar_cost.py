@@ -1,0 +1,131 @@
+"""What one grammar request costs everyone else: inter-token latency of plain streaming chats
+(bystanders) alone, beside a structured-output request, and beside a grammar built to explode
+(each attempt is cut off by the server's grammar timeout, and is sent again at once).
+
+    python bench/grammar_cost.py --url http://127.0.0.1:8000 --bystanders 3 --tokens 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import httpx
+
+MODEL = "smollm2-135m-instruct"
+
+
+def explosive_schema(levels: int = 10) -> dict[str, Any]:
+    defs: dict[str, Any] = {"t0": {"type": "string"}}
+    for k in range(1, levels + 1):
+        ref = {"$ref": f"#/$defs/t{k - 1}"}
+        defs[f"t{k}"] = {
+            "anyOf": [
+                {"type": "array", "items": dict(ref)},
+                {"type": "array", "items": dict(ref), "minItems": 1},
+                {"type": "array", "items": dict(ref), "maxItems": 3},
+                {"type": "array", "items": dict(ref), "minItems": 2},
+            ]
+        }
+    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/t{levels}"}]}
+
+
+def body(tokens: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+async def bystander(client: httpx.AsyncClient, tokens: int) -> list[float]:
+    """Seconds between consecutive content chunks of one stream."""
+    stamps: list[float] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body(tokens, stream=True)) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                stamps.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+async def neighbour(client: httpx.AsyncClient, kind: str, tokens: int, stop: asyncio.Event) -> int:
+    """Send grammar requests of `kind` until `stop`; return how many were sent."""
+    sent = 0
+    while not stop.is_set():
+        if kind == "json":
+            fmt = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "a",
+                    "schema": {"type": "array", "items": {"type": "string"}},
+                },
+            }
+            extra: dict[str, Any] = {"response_format": fmt}
+        else:  # "[" forced by logit_bias: llama.cpp's grammar stacks grow 4x per bracket
+            fmt = {
+                "type": "json_schema",
+                "json_schema": {"name": "e", "schema": explosive_schema()},
+            }
+            extra = {"response_format": fmt, "logit_bias": {"75": 100}}
+        await client.post(
+            "/v1/chat/completions", json={**body(tokens, **extra), "ignore_eos": False}
+        )
+        sent += 1
+    return sent
+
+
+async def scenario(url: str, kind: str, bystanders: int, tokens: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        stop = asyncio.Event()
+        other = (
+            asyncio.create_task(neighbour(client, kind, tokens, stop)) if kind != "alone" else None
+        )
+        await asyncio.sleep(0.5 if other else 0)
+        gaps = await asyncio.gather(*(bystander(client, tokens) for _ in range(bystanders)))
+        stop.set()
+        sent = await other if other else 0
+    flat = sorted(g for gs in gaps for g in gs)
+    return {
+        "scenario": kind,
+        "itl_p50_ms": 1000 * statistics.median(flat),
+        "itl_p99_ms": 1000 * flat[int(0.99 * (len(flat) - 1))],
+        "itl_max_ms": 1000 * flat[-1],
+        "grammar_requests": sent,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    rows = []
+    for kind in ("alone", "json", "explosive", "alone"):
+        rows.append(await scenario(args.url, kind, args.bystanders, args.tokens))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print("| neighbour | bystander ITL p50 ms | p99 ms | max ms | grammar requests sent |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['scenario']} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
+            f"{r['itl_max_ms']:.1f} | {r['grammar_requests']} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--bystanders", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=120)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
