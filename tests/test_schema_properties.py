@@ -89,7 +89,7 @@ SCHEMAS = st.recursive(SCALARS, _compound, max_leaves=12)
 @pytest.fixture(scope="module")
 def pool() -> Iterator[SandboxPool]:
     spec = SandboxSpec(default_model_path(), 49152, 1 << 20, 1 << 30)
-    sandboxes = SandboxPool(spec, spare=1)
+    sandboxes = SandboxPool(spec, spare=1, keep=2)
     yield sandboxes
     sandboxes.close()
 

@@ -8,8 +8,9 @@ later is picked up by a later step (the request simply decodes one step later), 
 grammar delays only its own request. A sandbox that has not answered within `timeout_s` is
 killed and its request ends with an error; so is one that dies (a crash, its memory limit).
 
-The pool keeps `spare` sandboxes started ahead (a start costs ~0.7 s on a 2-core box) and
-also serves `check()`: compiling a client's grammar in a sandbox before it is accepted.
+The pool keeps `spare` sandboxes started ahead (a start costs ~0.7 s of CPU on a 2-core box,
+and sandboxes only get idle CPU), keeps up to `keep` idle after a burst, and also serves
+`check()`: compiling a client's grammar in a sandbox before it is accepted.
 Nothing here imports llama.cpp; this module only starts processes and moves bytes.
 """
 
@@ -170,9 +171,10 @@ class Sandbox:
 class SandboxPool:
     """Started sandboxes waiting for work; thread-safe."""
 
-    def __init__(self, spec: SandboxSpec, spare: int, max_checks: int = 2):
+    def __init__(self, spec: SandboxSpec, spare: int, keep: int, max_checks: int = 2):
         self.spec = spec
-        self.spare = spare
+        self.spare = spare  # started ahead of need
+        self.keep = max(keep, spare)  # idle ones kept after a burst, so the next pays no start
         self._idle: list[Sandbox] = []
         self._lock = threading.Lock()
         self._checks = threading.BoundedSemaphore(max_checks)
@@ -187,7 +189,14 @@ class SandboxPool:
                 self._idle.append(Sandbox(self.spec))
 
     def acquire(self) -> Sandbox:
+        """An idle sandbox, a started one first; a new one if none is idle. Never blocks."""
         with self._lock:
+            for sandbox in self._idle:
+                if not sandbox.ready:
+                    try:
+                        sandbox.replies()  # reads its "ready" line once it has come
+                    except SandboxDied:
+                        pass
             ready = [s for s in self._idle if s.ready and not s.dead]
             pick = ready[0] if ready else next((s for s in self._idle if not s.dead), None)
             if pick is not None:
@@ -199,7 +208,7 @@ class SandboxPool:
 
     def release(self, sandbox: Sandbox) -> None:
         with self._lock:
-            if not sandbox.dead and not self._closed and len(self._idle) < self.spare + 2:
+            if not sandbox.dead and not self._closed and len(self._idle) < self.keep:
                 self._idle.append(sandbox)
                 return
         sandbox.kill()

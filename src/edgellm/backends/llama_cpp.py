@@ -101,7 +101,7 @@ class LlamaCppBackend:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._embedders: list[LlamaCppEmbedder] = []  # closed before the model is freed
         spec = SandboxSpec(path, self.n_vocab, _GRAMMAR_BYTES, settings.grammar_memory << 20)
-        self.sandboxes = SandboxPool(spec, spare=1)
+        self.sandboxes = SandboxPool(spec, spare=1, keep=settings.parallel + 1)
         self.grammar_timeout = settings.grammar_timeout
         self._grammar = GrammarSamplers(self.sandboxes, settings.grammar_wait, self.grammar_timeout)
 
