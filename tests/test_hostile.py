@@ -117,6 +117,7 @@ class Watch:
 
     def check(self) -> None:
         assert self.health, "no /health probe completed"
+        print(f"[watch] /health max {1000 * max(self.health):.1f} ms, bystander {self.bystander} s")
         assert max(self.health) < HEALTH_BOUND_S, f"/health took {max(self.health):.3f} s"
         assert self.bystander_status == 200
         assert self.bystander is not None and self.bystander < BYSTANDER_BOUND_S

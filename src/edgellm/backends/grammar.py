@@ -16,6 +16,7 @@ Nothing here imports llama.cpp; this module only starts processes and moves byte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -193,10 +194,8 @@ class SandboxPool:
         with self._lock:
             for sandbox in self._idle:
                 if not sandbox.ready:
-                    try:
+                    with contextlib.suppress(SandboxDied):
                         sandbox.replies()  # reads its "ready" line once it has come
-                    except SandboxDied:
-                        pass
             ready = [s for s in self._idle if s.ready and not s.dead]
             pick = ready[0] if ready else next((s for s in self._idle if not s.dead), None)
             if pick is not None:
