@@ -14,26 +14,13 @@ import itertools
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-MODEL = "smollm2-135m-instruct"
-
-
-def explosive_schema(levels: int = 10) -> dict[str, Any]:
-    defs: dict[str, Any] = {"t0": {"type": "string"}}
-    for k in range(1, levels + 1):
-        ref = {"$ref": f"#/$defs/t{k - 1}"}
-        defs[f"t{k}"] = {
-            "anyOf": [
-                {"type": "array", "items": dict(ref)},
-                {"type": "array", "items": dict(ref), "minItems": 1},
-                {"type": "array", "items": dict(ref), "maxItems": 3},
-                {"type": "array", "items": dict(ref), "minItems": 2},
-            ]
-        }
-    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/t{levels}"}]}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fuzzing import MODEL, explosive_schema
 
 
 def body(tokens: int, **extra: Any) -> dict[str, Any]:

@@ -263,3 +263,20 @@ def cases(seed: int, n: int) -> Iterator[Case]:
             for _ in range(rng.choice([1, 1, 2, 3])):
                 body = _mutate(rng, body)
             yield Case("mutated", path, _dump(rng, body), content_type)
+
+
+def explosive_schema(levels: int = 10) -> dict[str, Any]:
+    """Nested alternatives that all start with "[": every "[" the model writes multiplies
+    llama.cpp's live grammar stacks by four (a 2 KB schema; hours per token by level 10)."""
+    defs: dict[str, Any] = {"t0": {"type": "string"}}
+    for k in range(1, levels + 1):
+        ref = {"$ref": f"#/$defs/t{k - 1}"}
+        defs[f"t{k}"] = {
+            "anyOf": [
+                {"type": "array", "items": dict(ref)},
+                {"type": "array", "items": dict(ref), "minItems": 1},
+                {"type": "array", "items": dict(ref), "maxItems": 3},
+                {"type": "array", "items": dict(ref), "minItems": 2},
+            ]
+        }
+    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/t{levels}"}]}

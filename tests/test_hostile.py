@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL_ID, ServerProcess
+from tests.fuzzing import explosive_schema
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -53,23 +54,6 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 def schema_format(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-
-
-def explosive_schema(levels: int = 10) -> dict[str, Any]:
-    """Nested alternatives that all start with "[": every "[" the model writes multiplies
-    llama.cpp's live grammar stacks by four (a 2 KB schema; hours per token by level 10)."""
-    defs: dict[str, Any] = {"t0": {"type": "string"}}
-    for k in range(1, levels + 1):
-        ref = {"$ref": f"#/$defs/t{k - 1}"}
-        defs[f"t{k}"] = {
-            "anyOf": [
-                {"type": "array", "items": dict(ref)},
-                {"type": "array", "items": dict(ref), "minItems": 1},
-                {"type": "array", "items": dict(ref), "maxItems": 3},
-                {"type": "array", "items": dict(ref), "minItems": 2},
-            ]
-        }
-    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/t{levels}"}]}
 
 
 @dataclass
