@@ -146,6 +146,15 @@ def _check_combination(node: dict[str, Any], param: str, path: str) -> None:
             raise _too(param, f"{path}/{extra[0]}", f"cannot be enforced beside '{alone[0]}'")
         if alone[0] == "allOf":
             _check_all_of(node, param, path)
+        if alone[0] in ("enum", "const") and _has_control_char(node[alone[0]]):
+            # the converter writes control characters raw (the output is then not JSON) and
+            # characters beyond U+FFFF as UTF-8 surrogates (the output is then not that text)
+            raise _too(
+                param,
+                f"{path}/{alone[0]}",
+                "has a control character (U+0000-U+001F) or one beyond U+FFFF (an emoji, say), "
+                "which cannot be enforced yet",
+            )
         if alone[0] in ("enum", "const") and "type" in node:
             values = node["enum"] if alone[0] == "enum" else [node["const"]]
             typed = jsonschema.Draft202012Validator({"type": node["type"]})
@@ -172,6 +181,20 @@ def _check_combination(node: dict[str, Any], param: str, path: str) -> None:
         missing = [r for r in required if r not in names]
         if missing:
             raise _too(param, f"{path}/required", f"names {missing[0]!r}, which is not a property")
+
+
+_CONTROL = re.compile("[\x00-\x1f\U00010000-\U0010ffff]")
+
+
+def _has_control_char(value: Any) -> bool:
+    """Whether any string in `value` (a JSON value, nesting already bounded) has one."""
+    if isinstance(value, str):
+        return bool(_CONTROL.search(value))
+    if isinstance(value, list):
+        return any(_has_control_char(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_control_char(k) or _has_control_char(v) for k, v in value.items())
+    return False
 
 
 def _check_all_of(node: dict[str, Any], param: str, path: str) -> None:
