@@ -44,6 +44,16 @@ def srv() -> Iterator[ServerProcess]:
             "EDGELLM_BODY_TIMEOUT": "2",
         },
     )
+    # warm up what the first request of each kind loads lazily (validators, metaschemas, a
+    # sandbox): the bounds are about hostile requests, not about a cold start
+    with httpx.Client(base_url=proc.base, timeout=60) as http:
+        http.post(CHAT, json=chat())
+        http.post(CHAT, json=chat(response_format=schema_format({"type": "string"})))
+        http.post("/api/chat", json={"model": MODEL_ID, "messages": HI, "stream": False})
+        http.post("/v1/embeddings", json={"model": MODEL_ID, "input": "hi"})
+        http.post(
+            CHAT, json=chat(response_format=schema_format({"type": "string", "maxLength": 10**6}))
+        )
     yield proc
     proc.stop()
 
