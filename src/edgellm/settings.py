@@ -2,6 +2,9 @@
 
 Each model reads, highest priority first: explicit values (CLI flags), `EDGELLM_*` environment
 variables, its table in an optional TOML file (`[engine]`, `[server]`), then its defaults.
+Every field is all three: `--max-queue` is `EDGELLM_MAX_QUEUE` is `max_queue` in `[engine]`
+(edgellm.cli.options makes the flags). A field's `shown_default` is how `--help` states a
+default that is None or computed.
 """
 
 from __future__ import annotations
@@ -96,7 +99,11 @@ class EngineSettings(_LayerSettings):
         256, ge=16, le=8192, description="Most tokens decoded in one step (prefill chunk budget)."
     )
     threads: int = Field(
-        default_factory=_default_threads, ge=1, le=512, description="CPU threads for llama.cpp."
+        default_factory=_default_threads,
+        ge=1,
+        le=512,
+        description="CPU threads for llama.cpp.",
+        json_schema_extra={"shown_default": "all cores"},
     )
     max_queue: int = Field(
         64, ge=0, le=100_000, description="Most requests waiting; beyond it: 503."
@@ -141,19 +148,30 @@ class ServerSettings(_LayerSettings):
 
     toml_table: ClassVar[str] = "server"
 
-    model: Path | None = Field(None, description="GGUF file to serve; default: the embedded model.")
+    model: Path | None = Field(
+        None,
+        description="GGUF file to serve (or give it as MODEL_PATH).",
+        json_schema_extra={"shown_default": "the embedded model"},
+    )
     model_id: str | None = Field(
-        None, description="Name clients use for the model; default: from the file name."
+        None,
+        description="Name clients use for the model.",
+        json_schema_extra={"shown_default": "from the file name"},
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
-    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted.")
+    max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest request body accepted, in bytes; beyond it: 413."
+    )
     max_tokens_default: int | None = Field(
         None,
         ge=1,
-        description="max_tokens when a request omits it; default: the rest of the context.",
+        description="max_tokens when a request omits it.",
+        json_schema_extra={"shown_default": "the rest of the context"},
     )
-    log_level: str = Field("info", description="uvicorn log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn's log level."
+    )
     reasoning: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Split <think> reasoning from answers; auto: when the chat template uses it.",
@@ -162,16 +180,19 @@ class ServerSettings(_LayerSettings):
         None,
         description="When set, every API request must carry it (Authorization: Bearer KEY or "
         "X-Api-Key: KEY).",
+        json_schema_extra={"shown_default": "none"},
     )
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Web origins (https://app.example) whose pages may call the API, comma-"
-        "separated; * for any. Default: none but the server's own pages.",
+        "separated; * for any.",
+        json_schema_extra={"shown_default": "none but the server's own pages"},
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names clients may use besides loopback names and the bound address "
-        "(a loopback bind refuses others: DNS rebinding).",
+        "(a loopback bind refuses others: DNS rebinding), comma-separated.",
+        json_schema_extra={"shown_default": "none"},
     )
     header_timeout: float = Field(
         10.0, gt=0, le=3600, description="Seconds a connection has to send its request headers."
@@ -184,6 +205,13 @@ class ServerSettings(_LayerSettings):
     )
     max_connections: int = Field(
         512, ge=1, le=1 << 20, description="Open connections at most; beyond it: refused."
+    )
+    shutdown_timeout: int = Field(
+        5,
+        ge=0,
+        le=3600,
+        description="Seconds open requests have to finish after Ctrl-C or SIGTERM; then they "
+        "are cancelled.",
     )
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")

@@ -1,4 +1,5 @@
-"""`edgellm bench`: drive any OpenAI-compatible server and report latency and throughput."""
+"""`edgellm bench`: drive any OpenAI-compatible server and report latency and throughput.
+The command declares the options; `run_bench` does the work."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -29,7 +31,8 @@ from edgellm.bench.workloads import (
     file_workload,
     random_workload,
 )
-from edgellm.errors import ValidationError
+from edgellm.cli.console import err, user_errors
+from edgellm.errors import EdgeLLMError, ValidationError
 
 WORKLOADS = ("random", "chat", "file")
 
@@ -60,6 +63,76 @@ class BenchOptions:
     timeout: float
     json_out: Path | None
     plot: Path | None
+
+
+@user_errors
+def bench(
+    url: str = typer.Option("http://127.0.0.1:8000/v1", help="The server's /v1 base URL."),
+    model: str | None = typer.Option(None, help="Model name (default: the first one served)."),
+    api_key: str | None = typer.Option(None, envvar="EDGELLM_API_KEY", help="Bearer key."),
+    workload: str = typer.Option("random", help="random, chat or file."),
+    file: Path | None = typer.Option(None, help="file workload: JSONL, one request per line."),
+    text_file: Path | None = typer.Option(
+        None, help="Draw prompt text from this file (default: random common words)."
+    ),
+    concurrency: str | None = typer.Option(
+        None, help="Requests in flight (chat: conversations); a list such as 1,4,8 runs each."
+    ),
+    rate: str = typer.Option("inf", help="Arrivals per second (Poisson); inf = all at once."),
+    requests: int | None = typer.Option(
+        None, min=1, help="Requests per level (default: max(16, 4 x concurrency))."
+    ),
+    warmup: int = typer.Option(1, min=0, help="Requests sent first and not counted."),
+    seed: int = typer.Option(0, help="Seed for prompts, lengths and arrivals."),
+    input_len: str = typer.Option("128", help="Prompt words (about tokens): N or LOW:HIGH."),
+    output_len: str = typer.Option("128", help="max_tokens: N or LOW:HIGH."),
+    system_len: int = typer.Option(500, min=0, help="chat: words of the shared system prompt."),
+    turns: int = typer.Option(4, help="chat: turns per conversation."),
+    temperature: float | None = typer.Option(0.0, help="Sampling temperature sent."),
+    ignore_eos: bool = typer.Option(
+        False, help="Ask the server to generate max_tokens (ignore_eos: true)."
+    ),
+    extra_body: str | None = typer.Option(None, help="JSON object merged into every request."),
+    slo: str | None = typer.Option(
+        None, help="Goodput targets, e.g. ttft=500ms,tpot=50ms,e2e=10s."
+    ),
+    timeout: float = typer.Option(600.0, min=1, help="Seconds per request."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Write the summary and every request here."
+    ),
+    plot: Path | None = typer.Option(None, help="Write a PNG of latency and throughput."),
+) -> None:
+    """Benchmark a running OpenAI-compatible server (edgellm or any other): TTFT, TPOT,
+    inter-token latency, E2E percentiles, throughput and goodput.
+
+    Example: edgellm bench --url http://127.0.0.1:8000/v1 --concurrency 1,4,8 --ignore-eos
+    """
+    opts = BenchOptions(
+        url=url,
+        model=model,
+        api_key=api_key,
+        workload=workload,
+        file=file,
+        text_file=text_file,
+        concurrency=concurrency,
+        rate=rate,
+        requests=requests,
+        warmup=warmup,
+        seed=seed,
+        input_len=input_len,
+        output_len=output_len,
+        system_len=system_len,
+        turns=turns,
+        temperature=temperature,
+        ignore_eos=ignore_eos,
+        extra_body=extra_body,
+        slo=slo,
+        timeout=timeout,
+        json_out=json_out,
+        plot=plot,
+    )
+    if not run_bench(opts, Console(highlight=False), err):
+        raise EdgeLLMError("every request failed at some level; see the errors above")
 
 
 def run_bench(opts: BenchOptions, console: Console, progress_console: Console) -> bool:

@@ -1,5 +1,6 @@
-"""The compression commands' work: convert, quantize (one type or a sweep), eval with a gate.
-`edgellm.cli.main` declares the options; these functions print and return the exit code."""
+"""The compression commands: convert, quantize (one type or a sweep), eval with a gate. Each
+command declares its options; its `run_*` function does the work, prints, and returns the exit
+code."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgellm.cli.console import err, user_errors
 from edgellm.errors import EdgeLLMError, ValidationError
 
 GATE_FAILED = 3  # exit code of `edgellm eval --gate` when the model fails the gate
+_ALL_CORES = os.cpu_count() or 1  # the --threads default
 
 
 @contextlib.contextmanager
@@ -38,6 +42,19 @@ def progress_bars(err: Console) -> Iterator[Callable[[str, int, int], None]]:
             bars.update(tasks[stage], completed=done, total=total)  # type: ignore[arg-type]
 
         yield update
+
+
+@user_errors
+def convert(
+    source: Path = typer.Argument(..., help="GGUF file (any type)."),
+    to: str = typer.Option("f16", help="f16, bf16 or f32."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+) -> None:
+    """Dequantize a GGUF to F16, BF16 or F32 (1-D tensors stay F32).
+
+    Example: edgellm convert model.Q4_1.gguf --to f16 -o model.f16.gguf
+    """
+    run_convert(source, to, output, err)
 
 
 def run_convert(source: Path, to: str, output: Path, err: Console) -> None:
@@ -76,6 +93,58 @@ class QuantizeOptions:
     plot: Path | None
     json_out: bool
     threads: int
+
+
+@user_errors
+def quantize(
+    source: Path = typer.Argument(..., help="GGUF file; a quantized one is dequantized first."),
+    qtype: str | None = typer.Option(None, "--type", "-t", help="Q8_0, Q6_K, Q4_K_M, ..."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="File to write (with --sweep: a directory)."
+    ),
+    imatrix: Path | None = typer.Option(None, help="Importance matrix (imatrix GGUF)."),
+    calibrate: Path | None = typer.Option(
+        None, help="Compute the importance matrix from this text first."
+    ),
+    calib_ctx: int = typer.Option(512, min=8, help="--calibrate: tokens per window."),
+    calib_chunks: int | None = typer.Option(100, min=1, help="--calibrate: most windows."),
+    sweep: str | None = typer.Option(
+        None, help="Several types, e.g. Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K: quantize and compare."
+    ),
+    ref: Path | None = typer.Option(None, help="--sweep: reference model (default: SOURCE)."),
+    data: Path | None = typer.Option(None, help="--sweep: evaluation text."),
+    ctx: int = typer.Option(512, help="--sweep: tokens per evaluation window."),
+    chunks: int | None = typer.Option(None, min=1, help="--sweep: most windows (default: all)."),
+    plot: Path | None = typer.Option(None, help="--sweep: write a PNG of the frontier."),
+    json_out: bool = typer.Option(False, "--json", help="--sweep: print JSON, not a table."),
+    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+) -> None:
+    """Quantize a GGUF with llama.cpp's quantizer; a manifest (parent SHA-256, type,
+    parameters) goes beside it. IQ types need --imatrix or --calibrate. With --sweep, make
+    several types and print their size / speed / quality table.
+
+    Example: edgellm quantize model.f16.gguf --type Q4_K_M -o model.Q4_K_M.gguf
+
+    Example: edgellm quantize model.f16.gguf --sweep Q8_0,Q4_K_M,Q2_K --data wiki.txt -o out/
+    """
+    opts = QuantizeOptions(
+        source=source,
+        qtype=qtype,
+        output=output,
+        imatrix=imatrix,
+        calibrate=calibrate,
+        calib_ctx=calib_ctx,
+        calib_chunks=calib_chunks,
+        sweep=sweep,
+        ref=ref,
+        data=data,
+        ctx=ctx,
+        chunks=chunks,
+        plot=plot,
+        json_out=json_out,
+        threads=threads,
+    )
+    run_quantize(opts, Console(highlight=False), err)
 
 
 def run_quantize(opts: QuantizeOptions, out: Console, err: Console) -> None:
@@ -201,6 +270,42 @@ class EvalOptions:
     json_out: bool
     record: bool
     threads: int
+
+
+@user_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="GGUF file to evaluate."),
+    data: Path = typer.Option(..., help="Text file (e.g. WikiText-2's test split)."),
+    ref: Path | None = typer.Option(None, help="Reference model (same tokenizer) for KL etc."),
+    ctx: int = typer.Option(512, help="Tokens per window; the second half of each is scored."),
+    chunks: int | None = typer.Option(None, min=1, help="Most windows (default: all)."),
+    gate: str | None = typer.Option(
+        None, help='Quality gate, e.g. "kl_mean<0.05,ppl_ratio<1.05"; exit 3 when it fails.'
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON, not a table."),
+    record: bool = typer.Option(True, help="Write results and verdict into the manifest."),
+    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+) -> None:
+    """Perplexity as llama.cpp computes it and, against --ref, KL divergence, top-1 agreement
+    and the change of the correct token's probability. Results (and the --gate verdict) go
+    into the model's manifest. Exit codes: 0 ok, 1 error, 3 gate failed.
+
+    Example: edgellm eval m.Q4_K_M.gguf --ref m.f16.gguf --data wiki.txt --gate "kl_mean<0.05"
+    """
+    opts = EvalOptions(
+        model=model,
+        ref=ref,
+        data=data,
+        ctx=ctx,
+        chunks=chunks,
+        gate=gate,
+        json_out=json_out,
+        record=record,
+        threads=threads,
+    )
+    code = run_eval(opts, Console(highlight=False), err)
+    if code:
+        raise typer.Exit(code)
 
 
 def run_eval(opts: EvalOptions, out: Console, err: Console) -> int:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgellm.cli.console import err, user_errors
 from edgellm.errors import ValidationError
 from edgellm.plan.arch import NOMINAL_BPW, Architecture, from_gguf, known_size
 from edgellm.plan.catalog import Device, find_device, load_catalog
@@ -35,6 +38,7 @@ PLAN_TYPES = [
     *("IQ4_XS", "Q4_0", "Q3_K_M", "Q2_K", "IQ2_M"),
 ]
 GIB = 2**30
+_ALL_CORES = os.cpu_count() or 1  # the --threads default
 
 
 @dataclass(slots=True)
@@ -52,6 +56,61 @@ class PlanOptions:
     json_out: bool
     plot: Path | None
     threads: int
+
+
+@user_errors
+def plan(
+    model: str = typer.Argument(
+        "", help="GGUF file or a known size, e.g. deepseek-r1-distill-qwen-7b."
+    ),
+    device: str | None = typer.Option(None, help="A device from the catalog (--list-devices)."),
+    here: bool = typer.Option(False, "--here", help="Measure this machine and run the model."),
+    ctx: int = typer.Option(4096, help="Context per sequence, tokens."),
+    concurrency: int = typer.Option(1, help="Sequences served at once."),
+    qtype: str | None = typer.Option(None, "--type", "-t", help="Only this weight type."),
+    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0."),
+    catalog: Path | None = typer.Option(None, help="Your own devices (TOML, as devices.toml)."),
+    calibration: Path | None = typer.Option(None, help="Use a saved calibration."),
+    save_calibration: Path | None = typer.Option(
+        None, help="--here: save this machine's numbers and efficiency factors."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON, not a table."),
+    plot: Path | None = typer.Option(None, help="Write a PNG of memory vs the device's."),
+    show_catalog: bool = typer.Option(False, "--list-devices", help="List the catalog."),
+    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads for --here."),
+) -> None:
+    """Will MODEL run on a device, how fast, with which quantization: weight, KV cache and
+    runtime memory per type, decode / aggregate / prefill tokens/s from the bandwidth and
+    compute rooflines, and the best type that fits. --here measures this machine and a real
+    run of the model, and reports estimate vs measured.
+
+    Example: edgellm plan deepseek-r1-distill-qwen-7b --device jetson-orin-nano-8gb --ctx 8192
+
+    Example: edgellm plan model.Q8_0.gguf --here --save-calibration here.json
+    """
+    if cache_type not in ("f16", "q8_0", "q4_0"):
+        raise ValidationError("--cache-type must be f16, q8_0 or q4_0", param="cache_type")
+    if show_catalog:
+        list_devices(catalog, Console(highlight=False))
+        return
+    if not model:
+        raise ValidationError("plan needs a MODEL: a GGUF file or a known size", param="model")
+    opts = PlanOptions(
+        model=model,
+        device=device,
+        here=here,
+        ctx=ctx,
+        concurrency=concurrency,
+        qtype=qtype,
+        cache_type=cache_type,
+        catalog=catalog,
+        calibration=calibration,
+        save_calibration=save_calibration,
+        json_out=json_out,
+        plot=plot,
+        threads=threads,
+    )
+    run_plan(opts, Console(highlight=False), err)
 
 
 def list_devices(catalog_file: Path | None, out: Console) -> None:

@@ -1,0 +1,98 @@
+"""`edgellm serve`: its flags are the settings models' fields (edgellm.cli.options)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgellm.cli.console import err, user_errors
+from edgellm.cli.options import settings_options
+from edgellm.errors import EdgeLLMError, ValidationError
+from edgellm.settings import EngineSettings, ServerSettings
+
+
+def settings_from_cli(
+    model_path: Path | None, config: Path | None, flags: Mapping[str, Any]
+) -> tuple[ServerSettings, EngineSettings]:
+    """The settings `serve` runs with: `flags` (None: not given) over `EDGELLM_*` variables,
+    over the config file (`config`, else `$EDGELLM_CONFIG`), over the models' defaults."""
+    if model_path is not None:
+        if flags.get("model") is not None:
+            raise ValidationError("give the model once: MODEL_PATH or --model", param="model")
+        flags = {**flags, "model": model_path}
+    server = {k: v for k, v in flags.items() if k in ServerSettings.model_fields}
+    engine = {k: v for k, v in flags.items() if k not in server}
+    return ServerSettings.load(config, **server), EngineSettings.load(config, **engine)
+
+
+@settings_options((ServerSettings, "Server"), (EngineSettings, "Engine"))
+@user_errors
+def serve(
+    model_path: Path | None = typer.Argument(None, help="GGUF file; default: the embedded model."),
+    insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
+    config: Path | None = typer.Option(
+        None, help="TOML config file with \\[server] and \\[engine] tables."
+    ),
+    **flags: Any,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Every Server and Engine option is also an EDGELLM_<NAME> environment variable and a key of
+    the config file's \\[server] or \\[engine] table; a flag beats the environment, which beats
+    the file.
+
+    Example: edgellm serve --port 8000 --parallel 8
+    then: curl http://127.0.0.1:8000/v1/models
+    """
+    server_settings, engine_settings = settings_from_cli(model_path, config, flags)
+
+    import uvicorn
+
+    from edgellm.server import create_app
+    from edgellm.server.app import is_loopback
+    from edgellm.server.connections import raise_open_files_limit, uvicorn_options
+    from edgellm.serving import prepare_model
+
+    if not is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
+        raise EdgeLLMError(
+            f"refusing to bind {server_settings.host} without API keys; "
+            "bind 127.0.0.1, set --api-key, or pass --insecure"
+        )
+    model = prepare_model(server_settings, engine_settings)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app_ = create_app(server_settings, [model])
+    raise_open_files_limit()
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            app_,
+            host=server_settings.host,
+            port=server_settings.port,
+            log_level=server_settings.log_level,
+            timeout_graceful_shutdown=server_settings.shutdown_timeout,
+            **uvicorn_options(
+                header_timeout_s=server_settings.header_timeout,
+                keep_alive_s=server_settings.keep_alive,
+                max_connections=server_settings.max_connections,
+            ),
+        )
+    )
+    base = f"http://{server_settings.host}:{server_settings.port}/v1"
+
+    def announce() -> None:
+        model.engine.wait_loaded()
+        if model.engine.load_error is not None:
+            uv.should_exit = True
+        else:
+            err.print(f"edgellm: serving [bold]{model.model_id}[/bold] at {base}")
+
+    threading.Thread(target=announce, daemon=True).start()
+    uv.run()
+    if model.engine.load_error is not None:
+        raise EdgeLLMError(f"model failed to load: {model.engine.load_error}")
+    if not uv.started:
+        raise typer.Exit(1)
