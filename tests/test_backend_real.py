@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.backends.llama_cpp import LlamaCppBackend
+from edgellm.backends.llama_cpp.runner import LlamaCppBackend
 from edgellm.engine.request import SamplingParams
 from edgellm.engine.runner import KvOp, ScheduledChunk, SchedulerOutput
 from edgellm.settings import EngineSettings

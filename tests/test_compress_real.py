@@ -14,9 +14,9 @@ import pytest
 from llama_cpp import Llama
 
 from edgellm.compress.imatrix import load_imatrix
-from edgellm.compress.manifest import sha256_file
 from edgellm.evaluate.run import evaluate, read_text
 from edgellm.evaluate.scores import log_softmax
+from edgellm.records import sha256_file
 from tests.conftest import EDGELLM
 from tests.gguf_tools import with_more_tokens
 

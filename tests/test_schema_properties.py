@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgellm.backends.grammar import SandboxPool, SandboxSpec
+from edgellm.backends.llama_cpp.grammar import SandboxPool, SandboxSpec
 from edgellm.errors import ValidationError
 from edgellm.modelfile import default_model_path
 from edgellm.structured import LIMITS, schema_grammar

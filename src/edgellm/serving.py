@@ -4,28 +4,52 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgellm.backends import Backend, load_backend
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Engine, SchedulerConfig
+from edgellm.engine.runner import Embedder
+from edgellm.errors import NotReady
 from edgellm.modelfile import default_model_path, inspect_gguf
 from edgellm.reasoning import detect_reasoning
-from edgellm.server.models import Embedder, ServedModel
+from edgellm.server.models import ServedModel
 from edgellm.settings import EngineSettings, ServerSettings
 
 
 def load_engine(path: Path, settings: EngineSettings) -> Engine:
     """Build the llama.cpp backend and its engine (call on the engine's own thread)."""
-    from edgellm.backends.llama_cpp import LlamaCppBackend
+    return _engine_on(load_backend(path, settings), settings)
 
-    backend = LlamaCppBackend(path, settings)
+
+def _engine_on(backend: Backend, settings: EngineSettings) -> Engine:
+    n_ctx = backend.runner.n_ctx
     config = SchedulerConfig(
-        n_ctx=backend.n_ctx,
+        n_ctx=n_ctx,
         max_running=settings.parallel,
         max_batch_tokens=settings.batch,
         max_queue=settings.max_queue,
-        seq_cells=backend.n_ctx // settings.parallel if settings.kv_layout == "split" else None,
+        seq_cells=n_ctx // settings.parallel if settings.kv_layout == "split" else None,
         prefix_cache=settings.prefix_cache,
     )
-    return Engine(backend, backend, config)
+    return Engine(backend.runner, backend.tokenizer, config)
+
+
+class _LoadedBackend:
+    """The backend the engine thread loads, kept for the embedder factory (the engine itself
+    sees only its runner and tokenizer)."""
+
+    def __init__(self, path: Path, settings: EngineSettings):
+        self.path = path
+        self.settings = settings
+        self.backend: Backend | None = None  # set once the engine thread has loaded it
+
+    def load_engine(self) -> Engine:
+        self.backend = load_backend(self.path, self.settings)
+        return _engine_on(self.backend, self.settings)
+
+    def make_embedder(self) -> Embedder:
+        if self.backend is None:
+            raise NotReady("the model is still loading")
+        return self.backend.embedder(self.settings.pooling, self.settings.threads)
 
 
 def prepare_model(server: ServerSettings, engine: EngineSettings) -> ServedModel:
@@ -38,21 +62,13 @@ def prepare_model(server: ServerSettings, engine: EngineSettings) -> ServedModel
     template = ChatTemplate.load(
         info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token
     )
-    served = ServedModel(
+    loaded = _LoadedBackend(path, engine)
+    return ServedModel(
         model_id=server.model_id or info.model_id,
         info=info,
         template=template,
-        engine=AsyncEngine(lambda: load_engine(path, engine)),
+        engine=AsyncEngine(loaded.load_engine),
         max_tokens_default=server.max_tokens_default,
         reasoning=detect_reasoning(info.chat_template, server.reasoning),
+        make_embedder=loaded.make_embedder,
     )
-
-    def make_embedder() -> Embedder:
-        from edgellm.backends.llama_cpp import LlamaCppBackend
-
-        backend = served.engine.engine.runner
-        assert isinstance(backend, LlamaCppBackend)
-        return backend.embedder(engine.pooling, engine.threads)
-
-    served.make_embedder = make_embedder
-    return served

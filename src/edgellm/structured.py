@@ -20,6 +20,7 @@ from typing import Any
 
 import jsonschema
 
+from edgellm.backends import json_schema_grammar
 from edgellm.errors import ValidationError
 
 TOOL_CALL_START = "<tool_call>"
@@ -360,8 +361,6 @@ def schema_grammar(schema: Any, param: str) -> str:
             "allOf and $ref",
             param=param,
         )
-    from edgellm.backends.llama_cpp import json_schema_grammar
-
     try:
         grammar = json_schema_grammar(schema)
     except (AssertionError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:

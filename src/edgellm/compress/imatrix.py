@@ -17,6 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from edgellm.backends import ActivationSums, load_scorer
 from edgellm.errors import ValidationError
 
 Progress = Callable[[int, int], None]  # (windows done, windows in all)
@@ -48,10 +49,8 @@ def compute_imatrix(
     dataset: str,
     progress: Progress | None = None,
 ) -> Imatrix:
-    from edgellm.backends.llama_cpp import ImatrixCollector, LlamaCppScorer
-
-    collector = ImatrixCollector()
-    scorer = LlamaCppScorer(model, n_ctx, threads, collector=collector)
+    sums = ActivationSums()
+    scorer = load_scorer(model, n_ctx, threads, imatrix=sums)
     try:
         for done, window in enumerate(windows, 1):
             scorer.window_logits(window, len(window) - 1)
@@ -59,11 +58,11 @@ def compute_imatrix(
                 progress(done, len(windows))
     finally:
         scorer.close()
-    if not collector.in_sum2:
+    if not sums.in_sum2:
         raise ValidationError("the model fed no weight matrix that an imatrix covers")
     return Imatrix(
-        in_sum2={k: v.astype(np.float32)[None, :] for k, v in collector.in_sum2.items()},
-        counts={k: np.array([float(n)], dtype=np.float32) for k, n in collector.counts.items()},
+        in_sum2={k: v.astype(np.float32)[None, :] for k, v in sums.in_sum2.items()},
+        counts={k: np.array([float(n)], dtype=np.float32) for k, n in sums.counts.items()},
         chunks=len(windows),
         chunk_size=n_ctx,
         datasets=[dataset],

@@ -8,43 +8,21 @@ registry keeps for a version; its promote step reads the last gate verdict. Writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from edgellm import __version__
 from edgellm.errors import ValidationError
+from edgellm.records import file_record, now, sha256_file
 
 FORMAT = 1
 
 
 def manifest_path(model: Path) -> Path:
     return model.with_name(model.name + ".manifest.json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_record(path: Path, sha256: str | None = None) -> dict[str, Any]:
-    """How a manifest names a file: where it was, its size and its content hash."""
-    return {
-        "path": str(path.resolve()),
-        "bytes": path.stat().st_size,
-        "sha256": sha256 or sha256_file(path),
-    }
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_manifest(

@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgellm.backends import load_scorer, quantize_file
 from edgellm.compress.convert import convert, is_quantized
 from edgellm.compress.imatrix import Imatrix, compute_imatrix, load_imatrix, save_imatrix
-from edgellm.compress.manifest import file_record, new_manifest, save_manifest
+from edgellm.compress.manifest import new_manifest, save_manifest
 from edgellm.compress.qtypes import QuantType
 from edgellm.errors import EdgeLLMError, ValidationError
+from edgellm.evaluate.run import read_text, split_windows
 from edgellm.modelfile import inspect_gguf
+from edgellm.records import file_record
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 Notice = Callable[[str], None]
@@ -148,11 +151,8 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] 
 def _calibrate(
     model: Path, calibrate: Calibration, threads: int, progress: Progress | None
 ) -> Imatrix:
-    from edgellm.backends.llama_cpp import LlamaCppScorer
-    from edgellm.evaluate.run import read_text, split_windows
-
     text = read_text(calibrate.data)
-    scorer = LlamaCppScorer(model, calibrate.ctx, threads)
+    scorer = load_scorer(model, calibrate.ctx, threads)
     try:
         tokens = scorer.tokenize(text)
         bos = scorer.bos if scorer.add_bos else None
@@ -212,8 +212,6 @@ def _llama_quantize(
     *,
     dry_run: bool = False,
 ) -> _QuantizerLog:
-    from edgellm.backends.llama_cpp import quantize_file
-
     logger = logging.getLogger("edgellm.llama_cpp")
     handler = _QuantizerLog(progress)
     level, propagate = logger.level, logger.propagate

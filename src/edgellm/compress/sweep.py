@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgellm.backends import load_scorer
 from edgellm.compress.manifest import record_eval
 from edgellm.compress.qtypes import QuantType
 from edgellm.compress.quantize import Calibration, Notice, Progress, quantize
@@ -84,9 +85,7 @@ def sweep(
 
 def decode_speed(path: Path, threads: int) -> float:
     """Best of two timed greedy decodes of DECODE_TOKENS tokens after a short prompt."""
-    from edgellm.backends.llama_cpp import LlamaCppScorer
-
-    scorer = LlamaCppScorer(path, 256, threads)
+    scorer = load_scorer(path, 256, threads)
     try:
         prompt = scorer.tokenize("The history of the city begins with a small settlement")
         return max(scorer.decode_speed(prompt, DECODE_TOKENS) for _ in range(2))

@@ -1,9 +1,12 @@
-"""The Runner seam: what the engine asks of a backend, and the typed hand-offs to and from it."""
+"""The backend seam: what the engine asks of a backend (`Runner`, `Tokenizer`) and the typed
+hand-offs to and from it; what serving asks for embeddings (`Embedder`) and evaluate, compress
+and plan for scoring (`Scorer`). The one place for the backend Protocols; `edgellm.backends`
+builds objects that satisfy them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from edgellm.engine.request import SamplingParams
 
@@ -85,3 +88,39 @@ class Tokenizer(Protocol):
     def grammar_error(self, grammar: str) -> str | None:
         """None when the backend can enforce this GBNF grammar, else why not."""
         ...
+
+
+class Embedder(Protocol):
+    """Pooled embeddings on a loaded model's weights. Not thread-safe: the caller serialises
+    calls. Freed with the backend that made it."""
+
+    n_ctx: int  # most tokens per input
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """The pooled, unnormalised embedding of one input of 1..n_ctx tokens."""
+        ...
+
+
+class Scorer(Protocol):
+    """One model with a single-sequence context, for evaluation and measurement."""
+
+    n_ctx: int  # most tokens per window
+    n_vocab: int
+    add_bos: bool  # whether the model wants a BOS first
+    bos: int  # the BOS token id
+
+    def tokenize(self, text: str) -> list[int]:
+        """The whole text, special tokens added (BOS when the model wants one), special-token
+        text not parsed: as llama.cpp's perplexity tool reads it."""
+        ...
+
+    def window_logits(self, tokens: list[int], first: int) -> Any:
+        """Logits of positions first..len(tokens)-1 of one window decoded from an empty
+        cache: float32 [len(tokens) - first, n_vocab]."""
+        ...
+
+    def decode_speed(self, prompt: list[int], n_tokens: int) -> float:
+        """Tokens per second of a greedy decode of `n_tokens`, one at a time, after `prompt`."""
+        ...
+
+    def close(self) -> None: ...

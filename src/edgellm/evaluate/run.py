@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from edgellm.backends import load_scorer
+from edgellm.engine.runner import Scorer
 from edgellm.errors import ValidationError
 from edgellm.evaluate.scores import TokenScores
+from edgellm.records import file_record, now
 
 Progress = Callable[[int, int], None]  # (windows done, windows in all)
 
@@ -79,15 +82,13 @@ def evaluate(
     progress: Progress | None = None,
 ) -> list[EvalResult]:
     """Perplexity of each model (and comparison with `ref`) on the windows of `data`."""
-    from edgellm.backends.llama_cpp import LlamaCppScorer
-
     if ctx < 8 or ctx % 2:
         raise ValidationError("--ctx must be an even number of tokens, at least 8", param="ctx")
     text = read_text(data)
-    scorers: list[LlamaCppScorer] = []
+    scorers: list[Scorer] = []
     try:
         for path in ([ref] if ref is not None else []) + models:
-            scorers.append(LlamaCppScorer(path, ctx, threads))
+            scorers.append(load_scorer(path, ctx, threads))
         tokens = scorers[0].tokenize(text)
         _check_same_tokenizer(scorers, ([ref] if ref else []) + models, text, tokens)
         bos = scorers[0].bos if scorers[0].add_bos else None
@@ -99,7 +100,7 @@ def evaluate(
 
 
 def _check_same_tokenizer(
-    scorers: list[Any], paths: list[Path], text: str, tokens: list[int]
+    scorers: list[Scorer], paths: list[Path], text: str, tokens: list[int]
 ) -> None:
     for scorer, path in zip(scorers[1:], paths[1:], strict=True):
         if scorer.n_vocab != scorers[0].n_vocab or scorer.tokenize(text) != tokens:
@@ -112,7 +113,7 @@ def _check_same_tokenizer(
 
 
 def _score(
-    scorers: list[Any],
+    scorers: list[Scorer],
     models: list[Path],
     has_ref: bool,
     windows: list[Any],
@@ -153,8 +154,6 @@ def _score(
 
 def eval_record(result: EvalResult, data: Path, ref: Path | None) -> dict[str, Any]:
     """How a manifest stores one evaluation."""
-    from edgellm.compress.manifest import file_record, now
-
     return {
         "at": now(),
         "method": "llama.cpp perplexity windows (second half scored)",

@@ -84,7 +84,7 @@ class ModelRun:
 
 
 def run_model(path: Path, threads: int) -> ModelRun:
-    from edgellm.backends.llama_cpp import LlamaCppScorer
+    from edgellm.backends.llama_cpp.scorer import LlamaCppScorer
 
     scorer = LlamaCppScorer(path, PREFILL_TOKENS, threads)
     try:

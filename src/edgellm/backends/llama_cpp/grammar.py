@@ -1,12 +1,12 @@
 """Grammar-constrained sampling in sandbox processes, driven from the engine thread.
 
 Each running request with a grammar is bound to one sandbox process
-(`edgellm.backends.grammar_worker`) holding its compiled grammar and sampler chain. After a
-step's decode the engine copies the request's logits row into the sandbox's shared memory and
-asks for a token; it waits for the step's answers only up to `wait_s`. An answer that comes
-later is picked up by a later step (the request simply decodes one step later), so a slow
-grammar delays only its own request. A sandbox that has not answered within `timeout_s` is
-killed and its request ends with an error; so is one that dies (a crash, its memory limit).
+(`edgellm.backends.llama_cpp.grammar_worker`) holding its compiled grammar and sampler chain.
+After a step's decode the engine copies the request's logits row into the sandbox's shared
+memory and asks for a token; it waits for the step's answers only up to `wait_s`. An answer
+that comes later is picked up by a later step (the request simply decodes one step later), so a
+slow grammar delays only its own request. A sandbox that has not answered within `timeout_s`
+is killed and its request ends with an error; so is one that dies (a crash, its memory limit).
 
 The pool keeps `spare` sandboxes started ahead (a start costs ~0.7 s of CPU on a 2-core box,
 and sandboxes only get idle CPU), keeps up to `keep` idle after a burst, and also serves
@@ -68,7 +68,7 @@ class Sandbox:
         command = [
             sys.executable,
             "-m",
-            "edgellm.backends.grammar_worker",
+            "edgellm.backends.llama_cpp.grammar_worker",
             "--model",
             str(spec.model),
             "--fd",

@@ -6,7 +6,7 @@ end-of-generation the grammar refuses), throws C++ exceptions that ctypes cannot
 recurses on nesting in its parser, and can spend hours and gigabytes in one call on an
 ambiguous grammar. Here that kills only this process, which runs only on otherwise idle CPU,
 under a memory limit, and is killed by the server when it misses a deadline
-(`edgellm.backends.grammar`).
+(`edgellm.backends.llama_cpp.grammar`).
 
 Protocol: one JSON object per line on stdin, one reply per line on stdout. Large payloads go
 through a shared memory file (fd passed at spawn): the grammar's UTF-8 at [0, grammar_bytes),
@@ -55,7 +55,7 @@ from typing import Any  # noqa: E402
 import llama_cpp as ll  # noqa: E402
 import numpy as np  # noqa: E402
 
-from edgellm.backends.samplers import build_chain  # noqa: E402
+from edgellm.backends.llama_cpp.samplers import build_chain  # noqa: E402
 from edgellm.engine.request import SamplingParams  # noqa: E402
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
