@@ -4,9 +4,11 @@
     ├── ValidationError               400  bad input; names the offending `param`
     │   ├── ContextOverflow           400  prompt + max_tokens cannot fit the KV cache
     │   └── OutputConstraintError     400  the output format (grammar) could not be enforced
-    ├── AuthError                     401
+    ├── AuthError                     401  no key, or not a valid one
     ├── Forbidden                     403
     ├── ModelNotFound                 404
+    ├── RouteNotFound                 404  no such path
+    ├── MethodNotAllowed              405
     ├── RequestTimeout                408  the body did not arrive in time
     ├── PayloadTooLarge               413
     ├── UnsupportedMediaType          415  a web page's POST that is not JSON
@@ -16,8 +18,10 @@
     ├── ModelFileError                -    a model file that must not reach llama.cpp (CLI)
     └── EngineError                   500  internal; clients see a generic message
 
-The server turns each into the OpenAI error envelope in one handler
-(`edgellm.server.errors`); the CLI prints the message as one line.
+Each class says whether its message may be shown to a client (`shown`); the others are
+answered "internal server error". The server renders every one of them, from a route, a
+middleware or the middle of a stream, with one function per API shape (`edgellm.server.errors`);
+the CLI prints the message as one line.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class EdgeLLMError(Exception):
 
     status_code = 500
     error_type = "server_error"
+    shown = False  # whether a client may read the message; else "internal server error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -35,10 +40,16 @@ class EdgeLLMError(Exception):
         self.param = param
         self.code = code
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer to this error carries."""
+        return {}
+
 
 class ValidationError(EdgeLLMError):
     status_code = 400
     error_type = "invalid_request_error"
+    shown = True
 
 
 class ContextOverflow(ValidationError):
@@ -57,16 +68,26 @@ class OutputConstraintError(ValidationError):
 class AuthError(EdgeLLMError):
     status_code = 401
     error_type = "authentication_error"
+    shown = True
+
+    def __init__(self, message: str, *, code: str | None = "invalid_api_key"):
+        super().__init__(message, code=code)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(EdgeLLMError):
     status_code = 403
     error_type = "permission_error"
+    shown = True
 
 
 class ModelNotFound(EdgeLLMError):
     status_code = 404
     error_type = "invalid_request_error"
+    shown = True
 
     def __init__(self, model: str):
         super().__init__(
@@ -74,38 +95,76 @@ class ModelNotFound(EdgeLLMError):
         )
 
 
+class RouteNotFound(EdgeLLMError):
+    status_code = 404
+    error_type = "not_found_error"
+    shown = True
+
+
+class MethodNotAllowed(EdgeLLMError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    shown = True
+
+    def __init__(self, message: str, *, allow: str | None = None):
+        super().__init__(message)
+        self.allow = allow
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
+
 class RequestTimeout(EdgeLLMError):
     status_code = 408
     error_type = "invalid_request_error"
+    shown = True
 
 
 class PayloadTooLarge(EdgeLLMError):
     status_code = 413
     error_type = "invalid_request_error"
+    shown = True
 
 
 class UnsupportedMediaType(EdgeLLMError):
     status_code = 415
     error_type = "invalid_request_error"
+    shown = True
 
 
 class RateLimited(EdgeLLMError):
     status_code = 429
     error_type = "rate_limit_error"
+    shown = True
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class QueueFull(EdgeLLMError):
     status_code = 503
     error_type = "server_overloaded"
+    shown = True
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message, code="queue_full")
         self.retry_after_s = retry_after_s
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
 
 class NotReady(EdgeLLMError):
     status_code = 503
     error_type = "server_not_ready"
+    shown = True
 
 
 class ModelFileError(EdgeLLMError):
@@ -115,4 +174,7 @@ class ModelFileError(EdgeLLMError):
 
 
 class EngineError(EdgeLLMError):
-    """Something broke inside the engine; the client sees only a generic message."""
+    """Something broke inside the engine. The message is ours (never a library's text), so a
+    client may read it: it is why its request ended."""
+
+    shown = True

@@ -129,19 +129,33 @@ def _http_reply(client: httpx.AsyncClient, name: str, options: dict[str, Any]) -
 
 
 def _local_reply(served: Any, options: dict[str, Any]) -> Reply:
-    from edgellm.server.generation import Generation, Piece
-    from edgellm.server.openai import sampling_params
-    from edgellm.server.wire import ChatCompletionRequest
+    """Replies from an in-process engine, through the same pipeline as the server's routes."""
+    from edgellm.server.models import ModelTable
+    from edgellm.server.pipeline import (
+        ChatInput,
+        GenerationRequest,
+        Piece,
+        Pipeline,
+        sampling_params,
+    )
+
+    pipeline = Pipeline(ModelTable([served]))
 
     async def reply(history: list[dict[str, str]]) -> AsyncIterator[str]:
-        body = ChatCompletionRequest.model_validate(
-            {"model": served.model_id, "messages": history, **options}
+        request = GenerationRequest(
+            "cli",
+            "chat",
+            served.model_id,
+            ChatInput(list(history), include_reasoning=False),
+            sampling_params(temperature=options["temperature"]),
+            options["max_tokens"],
         )
-        plan = served.plan_chat(list(history), include_reasoning=False)
-        sampling = sampling_params(body, None)
-        request = served.make_request(plan.prompt, sampling, body.token_limit, "messages")
-        async for event in Generation(await served.engine.submit(request), plan).events():
-            if isinstance(event, Piece) and event.content:
-                yield event.content
+        run = await pipeline.start(request)
+        try:
+            async for event in run.events():
+                if isinstance(event, Piece) and event.content:
+                    yield event.content
+        finally:
+            run.close()
 
     return reply

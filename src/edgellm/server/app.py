@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,25 +20,32 @@ from edgellm.server.guard import GuardPolicy, RequestGuard
 from edgellm.server.models import ModelTable, ServedModel
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
+from edgellm.server.pipeline import Pipeline, RecordSink
 from edgellm.settings import ServerSettings
 
 
-def create_app(settings: ServerSettings, models: list[ServedModel]) -> FastAPI:
-    """Build the app. Engines start with the app's lifespan and stop with it."""
+def create_app(
+    settings: ServerSettings, models: list[ServedModel], sinks: Iterable[RecordSink] = ()
+) -> FastAPI:
+    """Build the app. Engines start with the app's lifespan and stop with it. Each generation
+    request's final record goes to every one of `sinks`."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        for model in models:
+        started = table.list_models()
+        for model in started:
             model.engine.start(loop)
         try:
             yield
         finally:
-            for model in models:
+            for model in started:
                 await asyncio.to_thread(model.engine.shutdown)
 
+    table = ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
-    app.state.models = ModelTable(models)
+    app.state.models = table
+    app.state.pipeline = Pipeline(table, sinks)
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ollama_router)

@@ -5,9 +5,11 @@ readiness probes stay open. Keys are compared in constant time."""
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgellm.errors import AuthError
+from edgellm.server.errors import send_error
 
 OPEN_PATHS = frozenset({"/", "/health", "/ready"})
 
@@ -37,27 +39,8 @@ class ApiKeyAuth:
         if key is not None and hmac.compare_digest(key, self._key):
             await self.app(scope, receive, send)
             return
-        message = (
-            "no API key: send Authorization: Bearer KEY or X-Api-Key: KEY"
-            if key is None
-            else "the API key is not valid"
-        )
-        body: dict[str, object]
-        if scope["path"].startswith("/api/"):
-            body = {"error": message}
+        if key is None:
+            error = AuthError("no API key: send Authorization: Bearer KEY or X-Api-Key: KEY")
         else:
-            error = {"message": message, "type": "authentication_error", "param": None}
-            body = {"error": {**error, "code": "invalid_api_key"}}
-        payload = json.dumps(body).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+            error = AuthError("the API key is not valid")
+        await send_error(scope["path"], error, send)

@@ -1,13 +1,17 @@
-"""One place that turns errors into the OpenAI error envelope.
+"""Every error a client reads is rendered here, from the exception tree (`edgellm.errors`), by
+one function per API shape:
 
-    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+    OpenAI (/v1/..., /, /health, ...)  {"error": {"message", "type", "param", "code"}}
+    Ollama (/api/...)                  {"error": "param: message"}
 
-Internal errors never reach the client as text: they are logged and answered with a generic
-message.
+Routes, middleware (`error_response`) and streams that already began (`openai_error`,
+`ollama_error` written as an event) all go through them. A class whose message may not be
+shown (`EdgeLLMError.shown`) is answered "internal server error" and logged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,79 +20,29 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
-from edgellm.errors import EdgeLLMError, EngineError, QueueFull
+from edgellm.errors import (
+    EdgeLLMError,
+    MethodNotAllowed,
+    RouteNotFound,
+    ValidationError,
+)
 
 log = logging.getLogger("edgellm.server")
 
-_HTTP_TYPES = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-}
-
-
-def envelope(
-    status: int,
-    message: str,
-    error_type: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def ollama_envelope(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """Ollama's error shape, `{"error": "..."}`, which its clients read; the field is named
-    in the message."""
-    if param and not message.startswith(param):
-        message = f"{param}: {message}"
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def is_ollama(path: str) -> bool:
-    return path.startswith("/api/")
-
-
-def reply(
-    request: Request,
-    status: int,
-    message: str,
-    error_type: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """The error in the shape of the API the request was for."""
-    if is_ollama(request.url.path):
-        return ollama_envelope(status, message, param, headers)
-    return envelope(status, message, error_type, param, code, headers)
+HIDDEN = "internal server error"
 
 
 def shown_message(exc: EdgeLLMError) -> str:
-    """What a client may read: our own message, except for internal errors."""
-    if exc.status_code < 500 or exc.status_code == 503 or isinstance(exc, EngineError):
-        return exc.message
-    return "internal server error"
+    """What a client may read of an error."""
+    return exc.message if exc.shown else HIDDEN
 
 
-def render_for_path(path: str, exc: EdgeLLMError) -> JSONResponse:
-    """The error in the envelope of the API `path` belongs to."""
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    message = shown_message(exc) if exc.status_code != 500 else "internal server error"
-    if is_ollama(path):
-        return ollama_envelope(exc.status_code, message, exc.param, headers)
-    return envelope(exc.status_code, message, exc.error_type, exc.param, exc.code, headers)
-
-
-def error_response(request: Request, exc: EdgeLLMError) -> JSONResponse:
-    return render_for_path(request.url.path, exc)
+def openai_error(exc: EdgeLLMError) -> dict[str, Any]:
+    """The OpenAI error object, as a response body or an SSE event."""
+    error = {"message": shown_message(exc), "type": exc.error_type, "param": exc.param}
+    return {"error": {**error, "code": exc.code}}
 
 
 def ollama_message(exc: EdgeLLMError) -> str:
@@ -97,12 +51,38 @@ def ollama_message(exc: EdgeLLMError) -> str:
     return f"{exc.param}: {message}" if exc.param and not message.startswith(exc.param) else message
 
 
-def stream_error(exc: EdgeLLMError) -> dict[str, Any]:
-    """The OpenAI error object written into an SSE stream that already began."""
-    message = shown_message(exc)
-    return {
-        "error": {"message": message, "type": exc.error_type, "param": exc.param, "code": exc.code}
-    }
+def ollama_error(exc: EdgeLLMError) -> dict[str, Any]:
+    """Ollama's error object, `{"error": "..."}`, as a response body or an NDJSON line."""
+    return {"error": ollama_message(exc)}
+
+
+def is_ollama(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def error_body(path: str, exc: EdgeLLMError) -> dict[str, Any]:
+    """The error in the shape of the API `path` belongs to."""
+    return ollama_error(exc) if is_ollama(path) else openai_error(exc)
+
+
+def error_response(path: str, exc: EdgeLLMError) -> JSONResponse:
+    if not exc.shown:
+        log.error("internal error: %s", exc.message)
+    return JSONResponse(error_body(path, exc), status_code=exc.status_code, headers=exc.headers)
+
+
+async def send_error(path: str, exc: EdgeLLMError, send: Send) -> None:
+    """Answer with an error from pure ASGI middleware (before any route ran)."""
+    if not exc.shown:
+        log.error("internal error: %s", exc.message)
+    payload = json.dumps(error_body(path, exc)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def param_from_loc(loc: Sequence[int | str]) -> str | None:
@@ -118,46 +98,55 @@ def param_from_loc(loc: Sequence[int | str]) -> str | None:
     return out or None
 
 
-def _validation_message(err: dict[str, Any]) -> str:
-    if err.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
-    if err.get("type") == "missing":
-        return "this field is required"
-    return str(err.get("msg", "invalid value"))
+def from_validation(exc: RequestValidationError) -> ValidationError:
+    """FastAPI's validation error as ours: the first problem, naming its field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return ValidationError("the request body is not valid JSON", code="invalid_json")
+    param = param_from_loc(first.get("loc", ()))
+    if first.get("type") == "missing":
+        message = "this field is required"
+    else:
+        message = str(first.get("msg", "invalid value"))
+    if param:
+        message = f"{param}: {message}"
+    return ValidationError(message, param=param, code="invalid_value")
+
+
+def from_http(exc: StarletteHTTPException) -> EdgeLLMError:
+    """Starlette's routing errors (no such path, wrong method, unreadable body) as ours."""
+    detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+    error: EdgeLLMError
+    if exc.status_code == 404:
+        error = RouteNotFound(detail)
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(detail, allow=(exc.headers or {}).get("Allow"))
+    elif detail == "There was an error parsing the body":
+        error = ValidationError("the request body could not be read (is it UTF-8 JSON?)")
+    else:
+        error = ValidationError(detail)
+        error.status_code = exc.status_code if 400 <= exc.status_code < 500 else 400
+    return error
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_edgellm(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, EdgeLLMError):  # pragma: no cover - registered for this type
             raise exc
-        if exc.status_code >= 500 and exc.status_code != 503:
-            log.error("internal error: %s", exc.message)
-        return error_response(request, exc)
+        return error_response(request.url.path, exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
-        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        first = errors[0] if errors else {}
-        param = (
-            None if first.get("type") == "json_invalid" else param_from_loc(first.get("loc", ()))
-        )
-        message = _validation_message(first)
-        if param:
-            message = f"{param}: {message}"
-        if first.get("type") == "json_invalid":
-            return reply(request, 400, message, "invalid_request_error", None, "invalid_json")
-        return reply(request, 400, message, "invalid_request_error", param, "invalid_value")
+        assert isinstance(exc, RequestValidationError)
+        return error_response(request.url.path, from_validation(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
-        status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
-        detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
-        message = detail if isinstance(detail, str) else "invalid request"
-        if status == 400 and message == "There was an error parsing the body":
-            message = "the request body could not be read (is it UTF-8 JSON?)"
-        return reply(request, status, message, _HTTP_TYPES.get(status, "invalid_request_error"))
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(request.url.path, from_http(exc))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return reply(request, 500, "internal server error", "server_error")
+        return error_response(request.url.path, EdgeLLMError(HIDDEN))
 
     app.add_exception_handler(EdgeLLMError, on_edgellm)
     app.add_exception_handler(RequestValidationError, on_validation)

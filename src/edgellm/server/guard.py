@@ -106,9 +106,9 @@ class RequestGuard:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
                 scope, receive = await self._read_body(scope, receive, origin)
         except EdgeLLMError as exc:
-            from edgellm.server.errors import render_for_path
+            from edgellm.server.errors import error_response
 
-            response = render_for_path(scope.get("path", ""), exc)
+            response = error_response(scope.get("path", ""), exc)
             if isinstance(exc, PayloadTooLarge | RequestTimeout):
                 response.headers["connection"] = "close"
             await response(scope, receive, send)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +23,12 @@ from edgellm.server.disconnect import unless_disconnected
 from edgellm.structured import tool_call_grammar
 from edgellm.tools import Tool, fallback_instructions, render_call
 from edgellm.user_text import UserText
+
+
+def normalised(vector: list[float]) -> list[float]:
+    """Unit length, as OpenAI's and Ollama's /api/embed vectors are."""
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 class Embedder(Protocol):
@@ -231,20 +238,10 @@ class ServedModel:
         rendered = self.user_text.protect(rendered, originals)
         return self.template.render(rendered, add_generation_prompt=True, **extra)
 
-    def completion_prompt(self, prompt: object) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            tokens = [t for t in prompt if isinstance(t, int)]
-            bad = next((t for t in tokens if not 0 <= t < self.tokenizer.n_vocab), None)
-            if bad is not None:
-                raise ValidationError(f"token id {bad} is outside the vocabulary", param="prompt")
-            return tokens
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ValidationError("only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ValidationError("the prompt is empty", param="prompt")
-        return self.tokenizer.tokenize(prompt, add_special=True, parse_special=True)
+    def check_token_ids(self, tokens: list[int], param: str) -> None:
+        bad = next((t for t in tokens if not 0 <= t < self.tokenizer.n_vocab), None)
+        if bad is not None:
+            raise ValidationError(f"token id {bad} is outside the vocabulary", param=param)
 
     def make_request(
         self,
@@ -253,6 +250,7 @@ class ServedModel:
         limit: int | None,
         prompt_param: str,
         n_ctx: int | None = None,
+        request_id: str | None = None,
     ) -> Request:
         """An engine request: `limit` tokens at most (None: the rest of the context), within
         `n_ctx` (a client's smaller context, as Ollama's num_ctx) or the model's."""
@@ -271,22 +269,64 @@ class ServedModel:
             )
         limit = min(limit, n_ctx - len(prompt)) if n_ctx < self.n_ctx else limit
         sampling = dataclasses.replace(sampling, max_tokens=limit)
-        return Request(uuid.uuid4().hex, prompt, sampling, arrival_time=time.monotonic())
+        request_id = request_id or uuid.uuid4().hex
+        return Request(request_id, prompt, sampling, arrival_time=time.monotonic())
+
+
+def name_keys(name: str) -> list[tuple[str, str]]:
+    """The (name, tag) pairs a requested name may mean: "smollm2:latest" is ("smollm2",
+    "latest"); a name without a tag means "latest", as in Ollama; a model whose own name holds
+    a colon is found by that whole name first."""
+    keys = [(name, "latest")]
+    base, sep, tag = name.rpartition(":")
+    if sep and base and tag:
+        keys.append((base, tag))
+    return keys
 
 
 class ModelTable:
-    def __init__(self, models: list[ServedModel]):
-        self._models = {m.model_id: m for m in models}
+    """The models a server serves, by name and tag; it may change while serving (models
+    added, swapped and removed by later layers), so readers take a snapshot."""
+
+    def __init__(self, models: Iterable[ServedModel] = ()):
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], ServedModel] = {}
+        for model in models:
+            self.add(model)
+
+    def add(self, model: ServedModel, tag: str = "latest") -> None:
+        """Serve `model` as its model_id and `tag`, replacing what had that name."""
+        with self._lock:
+            self._models[(model.model_id, tag)] = model
+
+    def remove(self, name: str) -> ServedModel | None:
+        """Stop serving `name` (name or name:tag); returns what it was, if anything."""
+        with self._lock:
+            for key in name_keys(name):
+                if key in self._models:
+                    return self._models.pop(key)
+        return None
+
+    def list_models(self) -> list[ServedModel]:
+        """The served models, each once, in the order they were added."""
+        with self._lock:
+            models = list(self._models.values())
+        return list({id(m): m for m in models}.values())
 
     def __iter__(self) -> Iterator[ServedModel]:
-        return iter(self._models.values())
+        return iter(self.list_models())
 
-    def get(self, model_id: str) -> ServedModel:
-        model = self._models.get(model_id)
-        if model is None and model_id.endswith(":latest"):  # Ollama clients add the tag
-            model = self._models.get(model_id.removesuffix(":latest"))
+    def lookup(self, name: str) -> ServedModel:
+        """The model `name` refers to, loaded or not; ModelNotFound otherwise."""
+        with self._lock:
+            model = next((self._models[k] for k in name_keys(name) if k in self._models), None)
         if model is None:
-            raise ModelNotFound(model_id)
+            raise ModelNotFound(name)
+        return model
+
+    def resolve(self, name: str) -> ServedModel:
+        """The model `name` refers to, ready to take requests; ModelNotFound or NotReady."""
+        model = self.lookup(name)
         if not model.engine.ready:
-            raise NotReady(f"the model '{model_id}' is still loading")
+            raise NotReady(f"the model '{name}' is still loading")
         return model

@@ -1,28 +1,52 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/embeddings. They translate OpenAI's wire shapes to the pipeline's requests and write its
+events as server-sent events; errors are rendered by edgellm.server.errors."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import math
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from edgellm.engine import Request as EngineRequest
-from edgellm.engine import RequestOutput, RequestStream, SamplingParams
-from edgellm.errors import ContextOverflow, EdgeLLMError, ValidationError
-from edgellm.server.disconnect import unless_disconnected
-from edgellm.server.errors import stream_error
-from edgellm.server.generation import Collected, Generation, Piece
+from edgellm.engine import RequestOutput
+from edgellm.errors import EdgeLLMError, ValidationError
+from edgellm.server.errors import openai_error
 from edgellm.server.guard import ParsedJsonRoute
-from edgellm.server.models import ChatPlan, ModelTable, ServedModel
+from edgellm.server.models import ModelTable, normalised
+from edgellm.server.pipeline import (
+    ChatInput,
+    Collected,
+    GenerationRequest,
+    OutputFormat,
+    Piece,
+    Pipeline,
+    Run,
+    TextInput,
+    sampling_params,
+)
+from edgellm.server.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    Completion,
+    CompletionChoice,
+    EmbeddingData,
+    EmbeddingList,
+    EmbeddingUsage,
+    FunctionCallOut,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    ToolCallOut,
+    Usage,
+    documented,
+)
 from edgellm.server.wire import (
     MAX_EMBED_INPUTS,
     ChatCompletionRequest,
@@ -30,13 +54,12 @@ from edgellm.server.wire import (
     CompletionRequest,
     EmbeddingRequest,
     ResponseFormat,
-    model_card,
-    usage,
 )
-from edgellm.structured import json_object_grammar, schema_grammar
 from edgellm.tools import ToolCall
 
 router = APIRouter(prefix="/v1", route_class=ParsedJsonRoute)
+
+SSE = "text/event-stream"
 
 
 def _models(request: Request) -> ModelTable:
@@ -44,20 +67,30 @@ def _models(request: Request) -> ModelTable:
     return table
 
 
-@router.get("/models")
+def _pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
+
+
+def _card(model_id: str, created: int) -> ModelCard:
+    return ModelCard(id=model_id, object="model", created=created, owned_by="edgellm")
+
+
+@router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(m.model_id, m.created) for m in _models(request)]}
+    cards = [_card(m.model_id, m.created) for m in _models(request)]
+    return ModelList(object="list", data=cards).body()
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    model = _models(request).get(model_id)
-    return model_card(model.model_id, model.created)
+    model = _models(request).resolve(model_id)
+    return _card(model.model_id, model.created).body()
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    model = _models(request).get(body.model)
+    model = _models(request).resolve(body.model)
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
     if isinstance(body.input, str):
@@ -77,19 +110,13 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
             if body.encoding_format == "base64"
             else unit
         )
-        data.append({"object": "embedding", "index": i, "embedding": encoded})
-    return {
-        "object": "list",
-        "data": data,
-        "model": model.model_id,
-        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-    }
-
-
-def normalised(vector: list[float]) -> list[float]:
-    """Unit length, as OpenAI's and Ollama's /api/embed vectors are."""
-    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-    return [x / norm for x in vector]
+        data.append(EmbeddingData(object="embedding", index=i, embedding=encoded))
+    return EmbeddingList(
+        object="list",
+        data=data,
+        model=model.model_id,
+        usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens),
+    ).body()
 
 
 def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -99,27 +126,29 @@ def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise ValidationError("logprobs are not supported yet", param="logprobs")
 
 
-def sampling_params(
-    body: ChatCompletionRequest | CompletionRequest, grammar: str | None
-) -> SamplingParams:
-    return SamplingParams(
+def _generation(
+    body: ChatCompletionRequest | CompletionRequest, route: str, given: ChatInput | TextInput
+) -> GenerationRequest:
+    sampling = sampling_params(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         min_p=body.min_p,
-        seed=None if body.seed is None else body.seed & 0xFFFFFFFF,
+        seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repeat_penalty=body.repeat_penalty,
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
-        grammar=grammar,
-        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+        logit_bias=body.logit_bias,
+    )
+    return GenerationRequest(
+        "openai", route, body.model, given, sampling, body.token_limit, stream=body.stream
     )
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Wire messages as `ServedModel.plan_chat` takes them."""
+    """Wire messages as the pipeline's ChatInput takes them."""
     out = []
     for i, m in enumerate(messages):
         d: dict[str, Any] = {"role": m.role, "content": m.text()}
@@ -142,16 +171,15 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _response_grammar(fmt: ResponseFormat | None) -> tuple[str | None, str | None]:
-    """The grammar a response_format asks for, and the field it came from."""
+def _output_format(fmt: ResponseFormat | None) -> OutputFormat | None:
     if fmt is None or fmt.type == "text":
-        return None, None
+        return None
     if fmt.type == "json_object":
-        return json_object_grammar(), "response_format"
+        return OutputFormat(None, "response_format")
     param = "response_format.json_schema.schema"
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise ValidationError("json_schema.schema is required with type json_schema", param=param)
-    return schema_grammar(fmt.json_schema.schema_, param), param
+    return OutputFormat(fmt.json_schema.schema_, param)
 
 
 def _tool_choice(body: ChatCompletionRequest) -> str:
@@ -163,126 +191,127 @@ def _tool_choice(body: ChatCompletionRequest) -> str:
     return choice.function.name
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=documented(ChatCompletion, SSE))
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> JSONResponse | StreamingResponse:
+    """A chat completion; with `stream`, ChatCompletionChunk events."""
     _check_supported(body)
-    model = _models(request).get(body.model)
-
-    def plan() -> ChatPlan:  # schema conversion, grammar check, rendering, tokenizing
-        grammar, grammar_param = _response_grammar(body.response_format)
-        return model.plan_chat(
-            message_dicts(body.messages),
-            tools=[t.tool() for t in body.tools or []],
-            tool_choice=_tool_choice(body),
-            grammar=grammar,
-            grammar_param=grammar_param,
-            think=body.think,
-            include_reasoning=body.include_reasoning,
-        )
-
-    chat = await asyncio.to_thread(plan)
-    return await _run(request, model, body, chat.prompt, chat)
+    chat = ChatInput(
+        message_dicts(body.messages),
+        tools=[t.tool() for t in body.tools or []],
+        tool_choice=_tool_choice(body),
+        format=_output_format(body.response_format),
+        think=body.think,
+        include_reasoning=body.include_reasoning,
+    )
+    run = await _pipeline(request).start(_generation(body, request.url.path, chat))
+    return await _answer(request, run, body, "chatcmpl-")
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=documented(Completion, SSE))
 async def completions(
     body: CompletionRequest, request: Request
 ) -> JSONResponse | StreamingResponse:
+    """A text completion; with `stream`, Completion events."""
     _check_supported(body)
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")
-    model = _models(request).get(body.model)
-    prompt = await asyncio.to_thread(model.completion_prompt, body.prompt)
-    return await _run(request, model, body, prompt, None)
+    prompt: object = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        given = TextInput([t for t in prompt if isinstance(t, int)])
+    else:
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValidationError("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ValidationError("the prompt is empty", param="prompt")
+        given = TextInput(prompt)
+    run = await _pipeline(request).start(_generation(body, request.url.path, given))
+    return await _answer(request, run, body, "cmpl-")
 
 
-async def submit(
-    model: ServedModel, engine_request: EngineRequest, prompt_param: str
-) -> RequestStream:
-    """Queue a request, naming the client's field when its prompt does not fit."""
-    try:
-        return await model.engine.submit(engine_request)
-    except ContextOverflow as exc:
-        if exc.param == "prompt":
-            exc.param = prompt_param
-        raise
-
-
-async def _run(
+async def _answer(
     request: Request,
-    model: ServedModel,
+    run: Run,
     body: ChatCompletionRequest | CompletionRequest,
-    prompt: list[int],
-    plan: ChatPlan | None,
+    id_prefix: str,
 ) -> JSONResponse | StreamingResponse:
-    prompt_param = "messages" if plan is not None else "prompt"
-    sampling = sampling_params(body, plan.grammar if plan is not None else None)
-    engine_request = model.make_request(prompt, sampling, body.token_limit, prompt_param)
-    stream = await submit(model, engine_request, prompt_param)
-    generation = Generation(stream, plan)
-    chat = plan is not None
-    meta = {
-        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-        "created": int(time.time()),
-        "model": model.model_id,
-    }
+    ident, created, name = id_prefix + run.record.request_id, int(time.time()), run.model.model_id
+    meta = {"id": ident, "created": created, "model": name, "system_fingerprint": None}
+    chat = run.plan is not None
     if body.stream:
         return StreamingResponse(
-            _sse(generation, meta, chat, body.include_usage),
-            media_type="text/event-stream",
+            _sse(run, meta, chat, body.include_usage),
+            media_type=SSE,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    done = await unless_disconnected(request, stream.abort, generation.collect)
+    done = await run.collect(request)
     final = done.final
+    usage = _usage(final.output)
     if chat:
-        choice: dict[str, Any] = {"index": 0, "message": _message(done, plan), "logprobs": None}
+        choice = ChatChoice(
+            index=0, message=_message(run, done), logprobs=None, finish_reason=final.finish_reason
+        )
+        answer = ChatCompletion(
+            id=ident,
+            object="chat.completion",
+            created=created,
+            model=name,
+            system_fingerprint=None,
+            choices=[choice],
+            usage=usage,
+        ).body()
     else:
-        choice = {"index": 0, "text": done.content, "logprobs": None}
-    choice["finish_reason"] = final.finish_reason
-    return JSONResponse(
-        {
-            **meta,
-            "object": "chat.completion" if chat else "text_completion",
-            "system_fingerprint": None,
-            "choices": [choice],
-            "usage": _usage(final.output),
-        }
+        text = CompletionChoice(
+            index=0, text=done.content, logprobs=None, finish_reason=final.finish_reason
+        )
+        answer = Completion(
+            id=ident,
+            object="text_completion",
+            created=created,
+            model=name,
+            system_fingerprint=None,
+            choices=[text],
+            usage=usage,
+        ).body()
+    return JSONResponse(answer)
+
+
+def _usage(out: RequestOutput) -> Usage:
+    return Usage(
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        total_tokens=out.prompt_tokens + out.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=out.cached_tokens),
     )
 
 
-def _usage(output: RequestOutput) -> dict[str, Any]:
-    return usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens)
-
-
-def _reasoning_fields(plan: ChatPlan | None, text: str) -> dict[str, Any]:
+def _reasoning_fields(run: Run, text: str) -> dict[str, Any]:
     """`reasoning_content` (DeepSeek's name) and `reasoning` (vLLM's, OpenRouter's)."""
-    if plan is None or plan.reasoning is None or not plan.include_reasoning or not text:
+    if not run.reasons or not text:
         return {}
     return {"reasoning_content": text, "reasoning": text}
 
 
-def _message(done: Collected, plan: ChatPlan | None) -> dict[str, Any]:
+def _message(run: Run, done: Collected) -> AssistantMessage:
     calls = done.final.tool_calls
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": done.content if done.content or not calls else None,
-        **_reasoning_fields(plan, done.reasoning),
-    }
+    message = AssistantMessage(
+        role="assistant",
+        content=done.content if done.content or not calls else None,
+        **_reasoning_fields(run, done.reasoning),
+    )
     if calls:
-        message["tool_calls"] = [_tool_call(c) for c in calls]
+        message.tool_calls = [_tool_call(c) for c in calls]
     return message
 
 
-def _tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {} if index is None else {"index": index}
-    out |= {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments_json},
-    }
-    return out
+def _tool_call(call: ToolCall, index: int | None = None) -> ToolCallOut:
+    function = FunctionCallOut(name=call.name, arguments=call.arguments_json)
+    if index is None:
+        return ToolCallOut(id=call.id, type="function", function=function)
+    return ToolCallOut(index=index, id=call.id, type="function", function=function)
 
 
 def _sse_event(data: dict[str, Any]) -> bytes:
@@ -292,16 +321,13 @@ def _sse_event(data: dict[str, Any]) -> bytes:
 
 
 async def _sse(
-    generation: Generation, meta: dict[str, Any], chat: bool, include_usage: bool
+    run: Run, meta: dict[str, Any], chat: bool, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    base = {
-        **meta,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "system_fingerprint": None,
-    }
+    """ChatCompletionChunk (or Completion) events, then `[DONE]`; an error that comes after
+    the stream began is an OpenAI error event."""
+    base = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
     if include_usage:
         base["usage"] = None
-    plan = generation.plan
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         body = delta if not chat else {"delta": delta}
@@ -311,10 +337,10 @@ async def _sse(
     try:
         if chat:
             yield chunk({"role": "assistant", "content": ""})
-        async for event in generation.events():
+        async for event in run.events():
             if isinstance(event, Piece):
                 if chat:
-                    delta = _reasoning_fields(plan, event.reasoning)
+                    delta = _reasoning_fields(run, event.reasoning)
                     if event.content:
                         delta["content"] = event.content
                     yield chunk(delta)
@@ -322,13 +348,13 @@ async def _sse(
                     yield chunk({"text": event.content})
                 continue
             if event.tool_calls:
-                calls = [_tool_call(c, i) for i, c in enumerate(event.tool_calls)]
+                calls = [_tool_call(c, i).body() for i, c in enumerate(event.tool_calls)]
                 yield chunk({"tool_calls": calls})
             yield chunk({} if chat else {"text": ""}, event.finish_reason)
             if include_usage:
-                yield _sse_event({**base, "choices": [], "usage": _usage(event.output)})
+                yield _sse_event({**base, "choices": [], "usage": _usage(event.output).body()})
     except EdgeLLMError as exc:
-        yield _sse_event(stream_error(exc))
+        yield _sse_event(openai_error(exc))
     finally:
-        generation.stream.abort()  # no-op when finished; frees the sequence when the client left
+        run.close()  # frees the sequence when the client left; reports the record
     yield b"data: [DONE]\n\n"

@@ -215,25 +215,6 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def model_card(model_id: str, created: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "edgellm",
-        **(extra or {}),
-    }
-
-
 class EmbeddingRequest(Wire):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] | list[int] | list[list[int]] = Field(

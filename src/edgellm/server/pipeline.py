@@ -1,0 +1,372 @@
+"""The one request pipeline: a typed generation request in, events and a final record out.
+
+Every way of generating text goes through it: the OpenAI routes, the Ollama routes and the
+in-process `edgellm chat`. They only translate their wire shapes to a `GenerationRequest` and
+write the events (SSE, NDJSON, a terminal) and errors in their own envelope. The pipeline owns
+the rest: resolving the model, rendering and tokenizing (off the event loop), submission,
+streaming vs collecting, client disconnect and abort, reasoning and tool-call splitting, usage
+and timings. When a request ends, however it ends, its `Record` goes to the record sinks
+(metrics, quotas and the audit log consume it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import Request as HttpRequest
+
+from edgellm.engine import Request as EngineRequest
+from edgellm.engine import RequestOutput, RequestStream, SamplingParams
+from edgellm.errors import ContextOverflow, EdgeLLMError, EngineError, OutputConstraintError
+from edgellm.reasoning import ReasoningSplitter
+from edgellm.server.disconnect import unless_disconnected
+from edgellm.server.models import ChatPlan, ModelTable, ServedModel
+from edgellm.structured import json_object_grammar, schema_grammar
+from edgellm.tools import Tool, ToolCall, ToolCallScanner
+
+log = logging.getLogger("edgellm.server")
+
+Api = Literal["openai", "ollama", "cli"]
+
+
+@dataclass(slots=True, frozen=True)
+class OutputFormat:
+    """A structured output: any JSON object (`schema` None) or JSON matching `schema`."""
+
+    schema: dict[str, Any] | None
+    param: str  # the request field it came from, for errors
+
+    def grammar(self) -> str:
+        if self.schema is None:
+            return json_object_grammar()
+        return schema_grammar(self.schema, self.param)
+
+
+@dataclass(slots=True)
+class ChatInput:
+    """A conversation to render with the model's chat template.
+
+    `messages` are dicts with role, content (str) and optionally name, tool_call_id and
+    tool_calls ([{"id", "name", "arguments"}]). `tool_choice` is "auto", "none", "required"
+    or a tool's name."""
+
+    messages: list[dict[str, Any]]
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "auto"
+    format: OutputFormat | None = None
+    think: bool | None = None
+    include_reasoning: bool = True
+    param: str = "messages"  # the request field the prompt comes from, for errors
+
+
+@dataclass(slots=True)
+class TextInput:
+    """A prompt taken as it is: text (control tokens spelled out are parsed) or token ids."""
+
+    prompt: str | list[int]
+    add_special: bool = True  # prepend BOS where the model wants one
+    param: str = "prompt"
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    api: Api
+    route: str  # e.g. "/v1/chat/completions", for records
+    model: str  # the name the client asked for
+    input: ChatInput | TextInput
+    sampling: SamplingParams  # without grammar and max_tokens: the pipeline sets those
+    max_tokens: int | None  # None: the model's default (the rest of the context)
+    stream: bool = False
+    n_ctx: int | None = None  # a smaller context the client asks for (Ollama's num_ctx)
+    prefix: list[int] = field(default_factory=list)  # token ids before the input (Ollama's context)
+    prefix_param: str = "context"
+
+
+def sampling_params(
+    defaults: SamplingParams | None = None,
+    *,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    logit_bias: dict[str, float] | None = None,
+    **given: Any,
+) -> SamplingParams:
+    """Sampling parameters from an API's defaults and the fields a client gave (None: not
+    given). Seeds are taken modulo 2^32, as llama.cpp's sampler takes them."""
+    values = {name: value for name, value in given.items() if value is not None}
+    return dataclasses.replace(
+        defaults or SamplingParams(),
+        seed=None if seed is None else seed & 0xFFFFFFFF,
+        stop=tuple(s for s in stop if s),
+        logit_bias=tuple((int(t), b) for t, b in (logit_bias or {}).items()),
+        **values,
+    )
+
+
+@dataclass(slots=True)
+class Record:
+    """What happened to one generation request, once it ended (however it ended)."""
+
+    request_id: str
+    api: Api
+    route: str
+    model: str  # the served model's name; the requested one until it resolved
+    stream: bool
+    started: float = field(default_factory=time.monotonic)  # monotonic seconds
+    created: float = field(default_factory=time.time)  # wall clock, for logs
+    first_output: float | None = None  # monotonic seconds of the first text or token
+    ended: float | None = None
+    status: int = 200  # the HTTP status the client got; 499: the client went away
+    error: str | None = None  # the error class, when the request failed
+    error_code: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | "error"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    completion_tokens: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_output is None else self.first_output - self.started
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+RecordSink = Callable[[Record], None]
+
+
+@dataclass(slots=True)
+class Piece:
+    """New text since the last event; either part may be empty."""
+
+    reasoning: str
+    content: str
+
+
+@dataclass(slots=True)
+class Final:
+    output: RequestOutput  # the engine's last output: counts and finish reason
+    tool_calls: list[ToolCall]
+    started: float  # monotonic seconds: arrived, first output, last output
+    first_output: float
+    ended: float
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's reason: "tool_calls" when the answer was calls."""
+        if self.tool_calls and self.output.finish_reason == "stop":
+            return "tool_calls"
+        return self.output.finish_reason
+
+
+@dataclass(slots=True)
+class Collected:
+    reasoning: str
+    content: str
+    final: Final
+
+
+class Pipeline:
+    """Runs generation requests against the models of a table, reporting each one's record."""
+
+    def __init__(self, models: ModelTable, sinks: Iterable[RecordSink] = ()):
+        self.models = models
+        self.sinks = list(sinks)
+
+    async def start(self, request: GenerationRequest) -> Run:
+        """Resolve, render, tokenize and submit; raises the request's error (recorded)."""
+        record = Record(uuid.uuid4().hex, request.api, request.route, request.model, request.stream)
+        try:
+            model = self.models.resolve(request.model)
+            record.model = model.model_id
+            plan, prompt = await asyncio.to_thread(_prompt, model, request)
+            sampling = dataclasses.replace(
+                request.sampling, grammar=plan.grammar if plan is not None else None
+            )
+            param = request.input.param
+            engine_request = model.make_request(
+                prompt, sampling, request.max_tokens, param, request.n_ctx, record.request_id
+            )
+            stream = await _submit(model, engine_request, param)
+        except EdgeLLMError as exc:
+            record.ended = time.monotonic()
+            self._fail(record, exc)
+            raise
+        return Run(self, model, plan, stream, record)
+
+    def _fail(self, record: Record, exc: EdgeLLMError) -> None:
+        record.status = exc.status_code
+        record.error = type(exc).__name__
+        record.error_code = exc.code
+        record.finish_reason = record.finish_reason or "error"
+        self.emit(record)
+
+    def emit(self, record: Record) -> None:
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception:  # a broken sink must not break the request
+                log.exception("a record sink failed")
+
+
+def _prompt(model: ServedModel, request: GenerationRequest) -> tuple[ChatPlan | None, list[int]]:
+    """The plan (None for text prompts) and the prompt's tokens. Blocking: schema conversion,
+    grammar check, rendering and tokenizing; runs in a worker thread."""
+    given = request.input
+    model.check_token_ids(request.prefix, request.prefix_param)
+    if isinstance(given, TextInput):
+        if isinstance(given.prompt, list):
+            model.check_token_ids(given.prompt, given.param)
+            return None, request.prefix + given.prompt
+        tokens = model.tokenizer.tokenize(
+            given.prompt, add_special=given.add_special, parse_special=True
+        )
+        return None, request.prefix + tokens
+    fmt = given.format
+    plan = model.plan_chat(
+        given.messages,
+        tools=given.tools,
+        tool_choice=given.tool_choice,
+        grammar=fmt.grammar() if fmt is not None else None,
+        grammar_param=fmt.param if fmt is not None else None,
+        think=given.think,
+        include_reasoning=given.include_reasoning,
+        param=given.param,
+    )
+    return plan, request.prefix + plan.prompt
+
+
+async def _submit(
+    model: ServedModel, engine_request: EngineRequest, prompt_param: str
+) -> RequestStream:
+    """Queue a request, naming the client's field when its prompt does not fit."""
+    try:
+        return await model.engine.submit(engine_request)
+    except ContextOverflow as exc:
+        if exc.param == "prompt":
+            exc.param = prompt_param
+        raise
+
+
+class Run:
+    """One submitted request: its events, or its collected answer; `close` always ends it."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        model: ServedModel,
+        plan: ChatPlan | None,
+        stream: RequestStream,
+        record: Record,
+    ):
+        self.pipeline = pipeline
+        self.model = model
+        self.plan = plan
+        self.stream = stream
+        self.record = record
+        self._closed = False
+
+    @property
+    def include_reasoning(self) -> bool:
+        return self.plan is not None and self.plan.include_reasoning
+
+    @property
+    def reasons(self) -> bool:
+        """Whether reasoning is split out of this request's answer and given to the client."""
+        plan = self.plan
+        return plan is not None and plan.reasoning is not None and plan.include_reasoning
+
+    async def events(self) -> AsyncIterator[Piece | Final]:
+        """Answer and reasoning deltas, then one Final. Raises the request's error (an
+        EdgeLLMError) when it ends with one."""
+        plan = self.plan
+        splitter = (
+            ReasoningSplitter(plan.reasoning, in_reasoning=plan.in_reasoning)
+            if plan is not None and plan.reasoning is not None
+            else None
+        )
+        scanner = (
+            ToolCallScanner({t.name for t in plan.tools})
+            if plan is not None and plan.tools
+            else None
+        )
+        record = self.record
+        try:
+            async for output in self.stream:
+                self._count(output)
+                if output.error is not None:
+                    error = output.error
+                    if isinstance(error, OutputConstraintError) and plan is not None:
+                        error.param = error.param or plan.grammar_param
+                    raise error
+                if record.first_output is None:
+                    record.first_output = time.monotonic()
+                reasoning, content = splitter.push(output.text) if splitter else ("", output.text)
+                if output.finished and splitter is not None:
+                    more_reasoning, more_content = splitter.flush()
+                    reasoning, content = reasoning + more_reasoning, content + more_content
+                if scanner is not None:
+                    content = scanner.push(content) + (scanner.flush() if output.finished else "")
+                if plan is not None and not plan.include_reasoning:
+                    reasoning = ""
+                if reasoning or content:
+                    yield Piece(reasoning, content)
+                if output.finished:
+                    calls = scanner.calls if scanner is not None else []
+                    record.ended = time.monotonic()
+                    final = Final(output, calls, record.started, record.first_output, record.ended)
+                    record.finish_reason = final.finish_reason
+                    yield final
+        except EdgeLLMError as exc:
+            self.close(exc)
+            raise
+
+    def _count(self, output: RequestOutput) -> None:
+        record = self.record
+        record.prompt_tokens = output.prompt_tokens
+        record.cached_tokens = output.cached_tokens
+        record.completion_tokens = output.completion_tokens
+
+    async def collect(self, http_request: HttpRequest | None = None) -> Collected:
+        """The whole answer; stops (and aborts) when the client of `http_request` goes away."""
+
+        async def gather() -> Collected:
+            reasoning: list[str] = []
+            content: list[str] = []
+            async for event in self.events():
+                if isinstance(event, Final):
+                    return Collected("".join(reasoning), "".join(content), event)
+                reasoning.append(event.reasoning)
+                content.append(event.content)
+            raise EngineError("the request ended without output")  # pragma: no cover
+
+        try:
+            if http_request is None:
+                return await gather()
+            return await unless_disconnected(http_request, self.stream.abort, gather)
+        finally:
+            self.close()
+
+    def close(self, error: EdgeLLMError | None = None) -> None:
+        """End the request (a no-op for the engine once it finished) and report its record,
+        once. A request that neither finished nor failed was abandoned by its client."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stream.abort()
+        record = self.record
+        if record.ended is None:
+            record.ended = time.monotonic()
+        if error is not None:
+            self.pipeline._fail(record, error)
+            return
+        if record.finish_reason is None:
+            record.status, record.finish_reason = 499, "abort"
+        self.pipeline.emit(record)

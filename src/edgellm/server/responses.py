@@ -1,0 +1,278 @@
+"""Response models of the OpenAI and Ollama routes, declared on the routes so that
+`/openapi.json` describes what clients get back.
+
+Fields that are always present are required (no default), so building a response names each
+one; optional fields default to None and are left out of the JSON unless set (responses are
+written with `exclude_unset`): a present `null` (OpenAI's `logprobs`) is set explicitly.
+Stream chunks are written as plain dicts on the hot path; tests check them against the chunk
+models here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+# -- OpenAI ---------------------------------------------------------------------------------
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class ModelCard(Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class PromptTokensDetails(Response):
+    cached_tokens: int
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class FunctionCallOut(Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(Response):
+    index: int | None = None  # in stream deltas
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None  # DeepSeek's name for the reasoning
+    reasoning: str | None = None  # vLLM's and OpenRouter's
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(Response):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletion(Response):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChunkChoice(Response):
+    index: int
+    delta: ChunkDelta
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(Response):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None  # with stream_options.include_usage: null, then on the last
+
+
+class CompletionChoice(Response):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class Completion(Response):
+    """A text completion, and (object the same) each event of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class EmbeddingData(Response):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Response):
+    object: Literal["list"]
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class OpenAIErrorBody(Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(Response):
+    error: OpenAIErrorBody
+
+
+# -- Ollama ---------------------------------------------------------------------------------
+
+
+class OllamaDetails(Response):
+    parent_model: str
+    format: str
+    family: str
+    families: list[str]
+    parameter_size: str
+    quantization_level: str
+
+
+class OllamaModelEntry(Response):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: OllamaDetails
+
+
+class OllamaTags(Response):
+    models: list[OllamaModelEntry]
+
+
+class OllamaRunningEntry(OllamaModelEntry):
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class OllamaPs(Response):
+    models: list[OllamaRunningEntry]
+
+
+class OllamaVersion(Response):
+    version: str
+
+
+class OllamaShow(Response):
+    license: str
+    modelfile: str
+    parameters: str
+    template: str
+    details: OllamaDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+
+
+class OllamaToolFunctionOut(Response):
+    name: str
+    arguments: dict[str, Any]
+
+
+class OllamaToolCallOut(Response):
+    function: OllamaToolFunctionOut
+
+
+class OllamaMessageOut(Response):
+    role: Literal["assistant"]
+    content: str
+    thinking: str | None = None
+    tool_calls: list[OllamaToolCallOut] | None = None
+
+
+class _OllamaDone(Response):
+    """The counts and timings of the last line (nanoseconds)."""
+
+    model: str
+    created_at: str
+    done: bool
+    done_reason: str | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class OllamaChatResponse(_OllamaDone):
+    """/api/chat's answer, and each NDJSON line of a streamed one."""
+
+    message: OllamaMessageOut
+
+
+class OllamaGenerateResponse(_OllamaDone):
+    """/api/generate's answer, and each NDJSON line of a streamed one."""
+
+    response: str
+    thinking: str | None = None
+
+
+class OllamaEmbed(Response):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+
+
+class OllamaEmbeddings(Response):
+    embedding: list[float]
+
+
+class OllamaError(Response):
+    error: str
+
+
+def documented(model: type[BaseModel], stream_type: str | None = None) -> dict[int | str, Any]:
+    """`responses=` for a route: its JSON answer, and the media type of its stream (whose
+    events are the `*Chunk` / response models above, one per event)."""
+    content: dict[str, Any] = {"application/json": {}}
+    if stream_type is not None:
+        content[stream_type] = {"schema": {"type": "string"}}
+    return {200: {"model": model, "content": content}}

@@ -1,0 +1,113 @@
+"""The request pipeline, in-process: one final record per generation request however it
+ends, the model table changing while serving, queue-full answers, a broken record sink."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edgellm.server.models import ModelTable, name_keys
+from edgellm.server.pipeline import Record
+from edgellm.settings import ServerSettings
+from tests.inprocess import MODEL, TextRunner, scripted_model, scripted_server
+
+pytestmark = pytest.mark.anyio
+
+CHAT = "/v1/chat/completions"
+
+
+async def test_one_record_per_request_with_counts_and_timings() -> None:
+    async with scripted_server() as srv:
+        plain = await srv.chat(max_tokens=3)
+        assert plain.status_code == 200
+        streamed = await srv.chat(max_tokens=3, stream=True)
+        assert streamed.status_code == 200
+        ollama = await srv.client.post(
+            "/api/generate", json={"model": f"{MODEL}:latest", "prompt": "hi", "stream": False}
+        )
+        assert ollama.status_code == 200
+    first, second, third = srv.records
+    assert (first.api, first.route, first.model, first.stream) == ("openai", CHAT, MODEL, False)
+    assert first.request_id in plain.json()["id"]
+    usage = plain.json()["usage"]
+    assert (first.prompt_tokens, first.completion_tokens) == (usage["prompt_tokens"], 3)
+    assert (first.status, first.finish_reason, first.error) == (200, "length", None)
+    assert second.stream and second.cached_tokens > 0  # the same prompt again: prefix reused
+    assert (third.api, third.route, third.model) == ("ollama", "/api/generate", MODEL)
+    for record in srv.records:
+        assert record.ttft_s is not None and record.e2e_s is not None
+        assert 0 <= record.ttft_s <= record.e2e_s
+
+
+async def test_failed_requests_are_recorded_with_their_status() -> None:
+    async with scripted_server() as srv:
+        assert (await srv.chat(model="nope")).status_code == 404
+        too_long = [{"role": "user", "content": "x" * 2000}]
+        assert (await srv.chat(messages=too_long)).status_code == 400
+        srv.runner.fail_with = RuntimeError("broken")
+        assert (await srv.chat()).status_code == 500
+        wire = await srv.client.post(CHAT, json={"model": MODEL})  # refused before the pipeline
+        assert wire.status_code == 400
+    missing, overflow, broken = srv.records
+    assert (missing.status, missing.error, missing.model) == (404, "ModelNotFound", "nope")
+    assert (overflow.status, overflow.error_code) == (400, "context_length_exceeded")
+    assert (broken.status, broken.error, broken.finish_reason) == (500, "EngineError", "error")
+
+
+async def test_a_broken_sink_does_not_break_requests(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_: Record) -> None:
+        raise ValueError("sink failed")
+
+    async with scripted_server(sinks=[broken]) as srv:
+        assert (await srv.chat()).status_code == 200
+        assert (await srv.chat()).status_code == 200
+    assert len(srv.records) == 2
+    assert "a record sink failed" in caplog.text
+
+
+async def test_queue_full_is_503_with_retry_after_on_both_apis() -> None:
+    runner = TextRunner(n_ctx=2048, seq_cells=512, step_s=0.02)
+    async with scripted_server(runner=runner, parallel=1, max_queue=0) as srv:
+        first = asyncio.create_task(srv.chat(max_tokens=100))  # two seconds of steps
+        await asyncio.to_thread(runner.stepping.wait, 10)  # the first request is running
+        openai = await srv.chat()
+        ollama = await srv.client.post(
+            "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert (await first).status_code == 200
+    assert openai.status_code == ollama.status_code == 503
+    assert openai.headers["retry-after"].isdigit() and ollama.headers["retry-after"].isdigit()
+    assert openai.json()["error"]["code"] == "queue_full"
+    assert set(ollama.json()) == {"error"} and "waiting" in ollama.json()["error"]
+
+
+async def test_the_model_table_changes_while_serving() -> None:
+    async with scripted_server() as srv:
+        table: ModelTable = srv.app.state.models
+        assert (await srv.chat(model=f"{MODEL}:latest")).status_code == 200
+        assert (await srv.chat(model=f"{MODEL}:v2")).status_code == 404
+        table.add(srv.model, tag="v2")
+        assert (await srv.chat(model=f"{MODEL}:v2")).status_code == 200
+        assert [m["id"] for m in (await srv.client.get("/v1/models")).json()["data"]] == [MODEL]
+        assert table.remove(MODEL) is srv.model
+        assert (await srv.chat()).status_code == 404
+        assert (await srv.chat(model=f"{MODEL}:v2")).status_code == 200
+        table.remove(f"{MODEL}:v2")
+        assert (await srv.client.get("/v1/models")).json()["data"] == []
+        assert (await srv.client.get("/api/tags")).json()["models"] == []
+
+
+def test_names_and_tags() -> None:
+    assert name_keys("m") == [("m", "latest")]
+    assert name_keys("m:latest") == [("m:latest", "latest"), ("m", "latest")]
+    assert name_keys("m:q4") == [("m:q4", "latest"), ("m", "q4")]
+    table = ModelTable([scripted_model(TextRunner())])
+    assert table.lookup("scripted:latest") is table.lookup("scripted")
+    with pytest.raises(Exception, match="does not exist"):
+        table.lookup("scripted:other")
+
+
+def test_settings_reach_the_in_process_app() -> None:
+    """The seam takes the same settings as a served process (used by the envelope table)."""
+    assert ServerSettings(api_key="k").api_key == "k"
