@@ -91,7 +91,9 @@ def _header() -> tuple[ModelInfo, ChatTemplate]:
     return info, template
 
 
-def scripted_model(runner: TextRunner, *, parallel: int = 4, max_queue: int = 64) -> ServedModel:
+def scripted_model(
+    runner: TextRunner, *, parallel: int = 4, max_queue: int = 64, model_id: str = MODEL
+) -> ServedModel:
     info, template = _header()
     config = SchedulerConfig(
         n_ctx=runner.n_ctx,
@@ -101,7 +103,7 @@ def scripted_model(runner: TextRunner, *, parallel: int = 4, max_queue: int = 64
         seq_cells=runner.seq_cells,
     )
     return ServedModel(
-        model_id=MODEL,
+        model_id=model_id,
         info=info,
         template=template,
         engine=AsyncEngine(lambda: Engine(runner, runner, config)),

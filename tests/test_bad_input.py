@@ -1,11 +1,15 @@
-"""Bad input over HTTP: a 4xx in the OpenAI envelope naming the field; the server keeps serving."""
+"""Bad input over HTTP: a 4xx in the OpenAI envelope naming the field; the server keeps serving.
+
+In-process (tests/inprocess.py): none of these needs the model's real tokens."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from tests.conftest import MODEL_ID, ServerProcess
+from tests.conftest import MODEL_ID
+from tests.inprocess import scripted_server
+
+pytestmark = pytest.mark.anyio
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -111,56 +115,61 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "body", "status", "param"), CASES, ids=[c[0] for c in CASES])
-def test_bad_chat_request(
-    server: ServerProcess, name: str, body: object, status: int, param: str | None
-) -> None:
-    with httpx.Client(base_url=server.base, timeout=30) as http:
+async def test_bad_chat_request(name: str, body: object, status: int, param: str | None) -> None:
+    async with scripted_server(model_id=MODEL_ID) as srv:
+        http = srv.client
         if isinstance(body, bytes):
-            response = http.post(CHAT, content=body, headers={"content-type": "application/json"})
+            response = await http.post(
+                CHAT, content=body, headers={"content-type": "application/json"}
+            )
         else:
-            response = http.post(CHAT, json=body)
+            response = await http.post(CHAT, json=body)
         assert response.status_code == status, response.text
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["param"] == param
         assert "Traceback" not in response.text
-        assert http.post(CHAT, json=GOOD).status_code == 200  # still serving
+        assert (await http.post(CHAT, json=GOOD)).status_code == 200  # still serving
 
 
-def test_unknown_model_is_404(server: ServerProcess) -> None:
-    response = httpx.post(server.base + CHAT, json=_with(model="gpt-9"))
+async def test_unknown_model_is_404() -> None:
+    async with scripted_server(model_id=MODEL_ID) as srv:
+        response = await srv.client.post(CHAT, json=_with(model="gpt-9"))
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "model"
 
 
-def test_ten_megabyte_body_is_413(server: ServerProcess) -> None:
+async def test_ten_megabyte_body_is_413() -> None:
     huge = (
         b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (10 << 20) + b'"}]}'
     )
-    response = httpx.post(
-        server.base + CHAT, content=huge, headers={"content-type": "application/json"}, timeout=60
-    )
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "body_too_large"
-    assert httpx.post(server.base + CHAT, json=GOOD, timeout=30).status_code == 200
+    async with scripted_server(model_id=MODEL_ID) as srv:
+        response = await srv.client.post(
+            CHAT, content=huge, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+        assert (await srv.client.post(CHAT, json=GOOD)).status_code == 200
 
 
-def test_unknown_extra_fields_are_accepted(server: ServerProcess) -> None:
+async def test_unknown_extra_fields_are_accepted() -> None:
     body = _with(user="u1", logit_bias={}, parallel_tool_calls=False, some_new_field={"a": 1})
-    assert httpx.post(server.base + CHAT, json=body, timeout=30).status_code == 200
+    async with scripted_server(model_id=MODEL_ID) as srv:
+        assert (await srv.client.post(CHAT, json=body)).status_code == 200
 
 
-def test_bad_completion_prompt(server: ServerProcess) -> None:
-    url = server.base + "/v1/completions"
+async def test_bad_completion_prompt() -> None:
+    url = "/v1/completions"
     cases = [
         ({"model": MODEL_ID, "prompt": ["a", "b"]}, "prompt"),
         ({"model": MODEL_ID, "prompt": [10**9]}, "prompt"),
         ({"model": MODEL_ID, "prompt": ""}, "prompt"),
     ]
-    for body, param in cases:
-        response = httpx.post(url, json=body, timeout=30)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["param"] == param
+    async with scripted_server(model_id=MODEL_ID) as srv:
+        for body, param in cases:
+            response = await srv.client.post(url, json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == param
 
 
 OTHER_CASES = [
@@ -234,11 +243,12 @@ OTHER_CASES = [
 @pytest.mark.parametrize(
     ("name", "path", "body", "status", "field"), OTHER_CASES, ids=[c[0] for c in OTHER_CASES]
 )
-def test_bad_input_on_other_endpoints(
-    server: ServerProcess, name: str, path: str, body: object, status: int, field: str | None
+async def test_bad_input_on_other_endpoints(
+    name: str, path: str, body: object, status: int, field: str | None
 ) -> None:
-    with httpx.Client(base_url=server.base, timeout=30) as http:
-        response = http.post(path, json=body)
+    async with scripted_server(model_id=MODEL_ID) as srv:
+        http = srv.client
+        response = await http.post(path, json=body)
         assert response.status_code == status, response.text
         error = response.json()["error"]
         if path.startswith("/api/"):
@@ -246,4 +256,4 @@ def test_bad_input_on_other_endpoints(
         else:
             assert error["param"] == field and error["type"] == "invalid_request_error"
         # and the server still serves
-        assert http.post(CHAT, json=GOOD).status_code == 200
+        assert (await http.post(CHAT, json=GOOD)).status_code == 200

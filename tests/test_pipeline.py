@@ -66,19 +66,22 @@ async def test_a_broken_sink_does_not_break_requests(caplog: pytest.LogCaptureFi
     assert "a record sink failed" in caplog.text
 
 
-async def test_queue_full_is_503_with_retry_after_on_both_apis() -> None:
-    runner = TextRunner(n_ctx=2048, seq_cells=512, step_s=0.02)
-    async with scripted_server(runner=runner, parallel=1, max_queue=0) as srv:
-        first = asyncio.create_task(srv.chat(max_tokens=100))  # two seconds of steps
-        await asyncio.to_thread(runner.stepping.wait, 10)  # the first request is running
-        openai = await srv.chat()
+async def test_queue_full_gets_503_with_retry_after() -> None:
+    """(Moved from the real-server tests: one request running, one waiting, the third is
+    refused, on both APIs.)"""
+    runner = TextRunner(n_ctx=1024, seq_cells=1024, step_s=0.02)
+    async with scripted_server(runner=runner, parallel=1, max_queue=1) as srv:
+        first = [asyncio.create_task(srv.chat(max_tokens=100)) for _ in range(2)]
+        await asyncio.to_thread(runner.stepping.wait, 10)  # one running, one waiting
+        third = await srv.chat(max_tokens=100)
         ollama = await srv.client.post(
             "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
         )
-        assert (await first).status_code == 200
-    assert openai.status_code == ollama.status_code == 503
-    assert openai.headers["retry-after"].isdigit() and ollama.headers["retry-after"].isdigit()
-    assert openai.json()["error"]["code"] == "queue_full"
+        assert third.status_code == 503
+        assert third.headers["retry-after"].isdigit()
+        assert third.json()["error"]["code"] == "queue_full"
+        assert [(await f).status_code for f in first] == [200, 200]
+    assert ollama.status_code == 503 and ollama.headers["retry-after"].isdigit()
     assert set(ollama.json()) == {"error"} and "waiting" in ollama.json()["error"]
 
 
