@@ -9,7 +9,7 @@ first so a malformed one is the client's error with a readable reason.
 A grammar spells out every repetition (`maxLength: N` becomes N nested optional groups, which
 llama.cpp's recursive parser descends one C stack frame at a time) and every alternative, so
 `SchemaLimits` bounds what a schema may ask for before any grammar text exists; the grammar
-is then compiled and run only in a sandbox process (edgellm.backends.grammar).
+is then compiled and run only in a sandbox process (edgellm.backends.llama_cpp.grammar).
 """
 
 from __future__ import annotations
