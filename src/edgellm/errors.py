@@ -133,9 +133,9 @@ class UnsupportedMediaType(EdgeLLMError):
     shown = True
 
 
-class RateLimited(EdgeLLMError):
-    status_code = 429
-    error_type = "rate_limit_error"
+class _TryLater(EdgeLLMError):
+    """An error the client may retry after `retry_after_s` seconds (the Retry-After header)."""
+
     shown = True
 
     def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None):
@@ -147,18 +147,17 @@ class RateLimited(EdgeLLMError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
-class QueueFull(EdgeLLMError):
+class RateLimited(_TryLater):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class QueueFull(_TryLater):
     status_code = 503
     error_type = "server_overloaded"
-    shown = True
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
-        super().__init__(message, code="queue_full")
-        self.retry_after_s = retry_after_s
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        super().__init__(message, retry_after_s=retry_after_s, code="queue_full")
 
 
 class NotReady(EdgeLLMError):

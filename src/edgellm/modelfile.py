@@ -7,6 +7,7 @@ bad file becomes a `ModelFileError` with one clear line.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from dataclasses import dataclass, field
@@ -66,13 +67,20 @@ def model_id_from_path(path: Path) -> str:
 
 
 def inspect_gguf(path: Path) -> ModelInfo:
-    """Check that `path` is a complete, readable GGUF and read its header."""
+    """Check that `path` is a complete, readable GGUF and read its header. Reading parses the
+    whole vocabulary (seconds for a large one), so the answer is kept per process for as long
+    as the file is unchanged (same size, modification time and inode)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelFileError(f"model path is not a file: {path}")
-    size = path.stat().st_size
+    stat = path.stat()
+    return _inspect(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _inspect(path: Path, size: int, _mtime_ns: int, _inode: int) -> ModelInfo:
     try:
         with path.open("rb") as f:
             head = f.read(8)

@@ -3,17 +3,20 @@
 from edgellm.engine.engine import AsyncEngine, Engine, RequestOutput, RequestStream
 from edgellm.engine.request import Request, RequestStatus, SamplingParams
 from edgellm.engine.runner import (
+    Embedder,
     KvOp,
     Runner,
     RunnerOutput,
     ScheduledChunk,
     SchedulerOutput,
+    Scorer,
     Tokenizer,
 )
 from edgellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 
 __all__ = [
     "AsyncEngine",
+    "Embedder",
     "Engine",
     "KvOp",
     "Request",
@@ -28,5 +31,6 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerStats",
+    "Scorer",
     "Tokenizer",
 ]

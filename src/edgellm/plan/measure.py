@@ -84,9 +84,9 @@ class ModelRun:
 
 
 def run_model(path: Path, threads: int) -> ModelRun:
-    from edgellm.backends.llama_cpp.scorer import LlamaCppScorer
+    from edgellm.backends import load_scorer
 
-    scorer = LlamaCppScorer(path, PREFILL_TOKENS, threads)
+    scorer = load_scorer(path, PREFILL_TOKENS, threads)
     try:
         tokens = [scorer.bos if scorer.add_bos else 1, *list(range(100, 100 + PREFILL_TOKENS - 1))]
         prefill = 0.0

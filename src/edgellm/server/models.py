@@ -10,12 +10,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import Request as HttpRequest
 
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Request, SamplingParams, Tokenizer
+from edgellm.engine.runner import Embedder
 from edgellm.errors import ContextOverflow, ModelNotFound, NotReady, ValidationError
 from edgellm.modelfile import ModelInfo
 from edgellm.reasoning import ReasoningFormat, opens_reasoning
@@ -29,12 +30,6 @@ def normalised(vector: list[float]) -> list[float]:
     """Unit length, as OpenAI's and Ollama's /api/embed vectors are."""
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return [x / norm for x in vector]
-
-
-class Embedder(Protocol):
-    n_ctx: int  # most tokens per input
-
-    def embed(self, tokens: list[int]) -> list[float]: ...
 
 
 @dataclass(slots=True)
@@ -330,3 +325,9 @@ class ModelTable:
         if not model.engine.ready:
             raise NotReady(f"the model '{name}' is still loading")
         return model
+
+
+def models_of(request: HttpRequest) -> ModelTable:
+    """The model table of the app serving `request`."""
+    table: ModelTable = request.app.state.models
+    return table

@@ -27,7 +27,7 @@ from edgellm.engine import SamplingParams
 from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.server.errors import ollama_error
 from edgellm.server.guard import ParsedJsonRoute
-from edgellm.server.models import ModelTable, ServedModel, normalised
+from edgellm.server.models import ServedModel, models_of, normalised
 from edgellm.server.ollama_wire import (
     ChatBody,
     EmbedBody,
@@ -42,9 +42,9 @@ from edgellm.server.pipeline import (
     GenerationRequest,
     OutputFormat,
     Piece,
-    Pipeline,
     Run,
     TextInput,
+    pipeline_of,
     sampling_params,
 )
 from edgellm.server.responses import (
@@ -69,16 +69,6 @@ _NS = 1_000_000_000
 DEFAULTS = SamplingParams(
     temperature=0.8, top_p=0.9, top_k=40, repeat_penalty=1.1, penalty_last_n=64
 )
-
-
-def _models(request: Request) -> ModelTable:
-    table: ModelTable = request.app.state.models
-    return table
-
-
-def _pipeline(request: Request) -> Pipeline:
-    pipeline: Pipeline = request.app.state.pipeline
-    return pipeline
 
 
 def _now() -> str:
@@ -152,13 +142,13 @@ async def version() -> dict[str, Any]:
 
 @router.get("/tags", response_model=OllamaTags)
 async def tags(request: Request) -> dict[str, Any]:
-    entries = [OllamaModelEntry(**await _entry(m)) for m in _models(request)]
+    entries = [OllamaModelEntry(**await _entry(m)) for m in models_of(request)]
     return OllamaTags(models=entries).body()
 
 
 @router.get("/ps", response_model=OllamaPs)
 async def ps(request: Request) -> dict[str, Any]:
-    loaded = [m for m in _models(request) if m.engine.ready]
+    loaded = [m for m in models_of(request) if m.engine.ready]
     entries = [
         OllamaRunningEntry(
             **await _entry(m),
@@ -176,7 +166,7 @@ async def show(body: ShowBody, request: Request) -> dict[str, Any]:
     name = body.model or body.name
     if not name:
         raise ValidationError("model is required", param="model")
-    model = _models(request).resolve(name)
+    model = models_of(request).resolve(name)
     capabilities = ["completion", "tools"] + (["thinking"] if model.reasoning else [])
     info = {k: v for k, v in model.info.metadata.items() if not k.startswith("edgellm.")}
     info.pop("tokenizer.chat_template", None)
@@ -246,7 +236,7 @@ def _no_images(images: list[str] | None, param: str) -> None:
 @router.post("/chat", response_model=None, responses=documented(OllamaChatResponse, NDJSON))
 async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResponse:
     """A chat reply; streamed (the default) as OllamaChatResponse lines."""
-    model = _models(request).resolve(body.model)
+    model = models_of(request).resolve(body.model)
     if not body.messages:
         return _loaded(model, {"message": {"role": "assistant", "content": ""}})
     messages = []
@@ -267,7 +257,7 @@ async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResp
         format=_format(body.format),
         think=body.thinking,
     )
-    run = await _pipeline(request).start(_generation(body, request.url.path, given))
+    run = await pipeline_of(request).start(_generation(body, request.url.path, given))
     return await _answer(request, run, body.stream, "message")
 
 
@@ -275,7 +265,7 @@ async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResp
 async def generate(body: GenerateBody, request: Request) -> JSONResponse | StreamingResponse:
     """A completion of `prompt` (in the chat template unless `raw`); streamed (the default)
     as OllamaGenerateResponse lines."""
-    model = _models(request).resolve(body.model)
+    model = models_of(request).resolve(body.model)
     _no_images(body.images, "images")
     if body.suffix:
         raise ValidationError("suffix (fill-in-the-middle) is not supported", param="suffix")
@@ -295,7 +285,7 @@ async def generate(body: GenerateBody, request: Request) -> JSONResponse | Strea
             think=body.thinking,
             param="prompt",
         )
-    run = await _pipeline(request).start(_generation(body, request.url.path, given, context))
+    run = await pipeline_of(request).start(_generation(body, request.url.path, given, context))
     return await _answer(request, run, body.stream, "response")
 
 
@@ -382,7 +372,7 @@ async def _ndjson(run: Run, shape: _Shape) -> AsyncIterator[bytes]:
 
 @router.post("/embed", response_model=OllamaEmbed)
 async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
-    model = _models(request).resolve(body.model)
+    model = models_of(request).resolve(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
@@ -400,7 +390,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
 @router.post("/embeddings", response_model=OllamaEmbeddings)
 async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     """The older endpoint: one prompt, an unnormalised vector; an empty prompt gives []."""
-    model = _models(request).resolve(body.model)
+    model = models_of(request).resolve(body.model)
     if not body.prompt:
         return OllamaEmbeddings(embedding=[]).body()
     vectors, _ = await model.embed(request, [body.prompt], truncate=True, param="prompt")

@@ -18,16 +18,16 @@ from edgellm.engine import RequestOutput
 from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.server.errors import openai_error
 from edgellm.server.guard import ParsedJsonRoute
-from edgellm.server.models import ModelTable, normalised
+from edgellm.server.models import models_of, normalised
 from edgellm.server.pipeline import (
     ChatInput,
     Collected,
     GenerationRequest,
     OutputFormat,
     Piece,
-    Pipeline,
     Run,
     TextInput,
+    pipeline_of,
     sampling_params,
 )
 from edgellm.server.responses import (
@@ -62,35 +62,25 @@ router = APIRouter(prefix="/v1", route_class=ParsedJsonRoute)
 SSE = "text/event-stream"
 
 
-def _models(request: Request) -> ModelTable:
-    table: ModelTable = request.app.state.models
-    return table
-
-
-def _pipeline(request: Request) -> Pipeline:
-    pipeline: Pipeline = request.app.state.pipeline
-    return pipeline
-
-
 def _card(model_id: str, created: int) -> ModelCard:
     return ModelCard(id=model_id, object="model", created=created, owned_by="edgellm")
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict[str, Any]:
-    cards = [_card(m.model_id, m.created) for m in _models(request)]
+    cards = [_card(m.model_id, m.created) for m in models_of(request)]
     return ModelList(object="list", data=cards).body()
 
 
 @router.get("/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    model = _models(request).resolve(model_id)
+    model = models_of(request).resolve(model_id)
     return _card(model.model_id, model.created).body()
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    model = _models(request).resolve(body.model)
+    model = models_of(request).resolve(body.model)
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
     if isinstance(body.input, str):
@@ -205,7 +195,7 @@ async def chat_completions(
         think=body.think,
         include_reasoning=body.include_reasoning,
     )
-    run = await _pipeline(request).start(_generation(body, request.url.path, chat))
+    run = await pipeline_of(request).start(_generation(body, request.url.path, chat))
     return await _answer(request, run, body, "chatcmpl-")
 
 
@@ -228,7 +218,7 @@ async def completions(
         if not isinstance(prompt, str) or not prompt:
             raise ValidationError("the prompt is empty", param="prompt")
         given = TextInput(prompt)
-    run = await _pipeline(request).start(_generation(body, request.url.path, given))
+    run = await pipeline_of(request).start(_generation(body, request.url.path, given))
     return await _answer(request, run, body, "cmpl-")
 
 
@@ -248,35 +238,23 @@ async def _answer(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     done = await run.collect(request)
-    final = done.final
-    usage = _usage(final.output)
+    reason = done.final.finish_reason
+    choice: ChatChoice | CompletionChoice
     if chat:
         choice = ChatChoice(
-            index=0, message=_message(run, done), logprobs=None, finish_reason=final.finish_reason
+            index=0, message=_message(run, done), logprobs=None, finish_reason=reason
         )
-        answer = ChatCompletion(
-            id=ident,
-            object="chat.completion",
-            created=created,
-            model=name,
-            system_fingerprint=None,
-            choices=[choice],
-            usage=usage,
-        ).body()
     else:
-        text = CompletionChoice(
-            index=0, text=done.content, logprobs=None, finish_reason=final.finish_reason
-        )
-        answer = Completion(
-            id=ident,
-            object="text_completion",
-            created=created,
-            model=name,
-            system_fingerprint=None,
-            choices=[text],
-            usage=usage,
-        ).body()
-    return JSONResponse(answer)
+        choice = CompletionChoice(index=0, text=done.content, logprobs=None, finish_reason=reason)
+    answer = (ChatCompletion if chat else Completion).model_validate(
+        {
+            **meta,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice],
+            "usage": _usage(done.final.output),
+        }
+    )
+    return JSONResponse(answer.body())
 
 
 def _usage(out: RequestOutput) -> Usage:

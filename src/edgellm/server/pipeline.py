@@ -216,6 +216,12 @@ class Pipeline:
                 log.exception("a record sink failed")
 
 
+def pipeline_of(request: HttpRequest) -> Pipeline:
+    """The pipeline of the app serving `request`."""
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
+
+
 def _prompt(model: ServedModel, request: GenerationRequest) -> tuple[ChatPlan | None, list[int]]:
     """The plan (None for text prompts) and the prompt's tokens. Blocking: schema conversion,
     grammar check, rendering and tokenizing; runs in a worker thread."""
