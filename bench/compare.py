@@ -53,6 +53,7 @@ class Server:
     argv: list[str]
     body: dict[str, Any]  # how this server is told to ignore EOS
     port: int = field(default_factory=free_port)
+    env: dict[str, str] | None = None  # the process's environment, when not ours
 
 
 def llama_server_binary() -> str:
@@ -66,12 +67,17 @@ def llama_server_binary() -> str:
 def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     common = {"threads": str(args.threads), "ctx": str(args.ctx), "np": str(args.parallel)}
-    if name in ("edgellm", "edgellm-nocache"):
+    if name in ("edgellm", "edgellm-nocache", "edgellm-baseline"):
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
         argv += ["--no-prefix-cache"] if name == "edgellm-nocache" else []
         argv += shlex.split(args.edgellm_args)
-        return Server(name, argv, {"ignore_eos": True}, port)
+        env = None
+        if name == "edgellm-baseline":  # another checkout's code on the same interpreter
+            if args.baseline is None:
+                raise RuntimeError("edgellm-baseline needs --baseline SRC_DIR")
+            env = {**os.environ, "PYTHONPATH": str(args.baseline)}
+        return Server(name, argv, {"ignore_eos": True}, port, env)
     if name == "llama-server":
         argv = [llama_server_binary(), "-m", str(model), "--port", str(port), "--host", "127.0.0.1"]
         argv += ["-c", common["ctx"], "-np", common["np"], "-t", common["threads"]]
@@ -103,7 +109,9 @@ class Running:
         self.base = f"http://127.0.0.1:{server.port}"
         self.model_name = ""  # as the server lists it
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen(server.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            server.argv, stdout=self.log, stderr=subprocess.STDOUT, env=server.env
+        )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -192,6 +200,13 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=16, help="slots / sequences decoding at once")
     ap.add_argument(
         "--edgellm-args", default="", help="more `edgellm serve` flags, e.g. '--batch 512'"
+    )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="server edgellm-baseline runs the package found in this src/ directory (e.g. a "
+        "`git worktree` of an earlier commit), for before/after runs",
     )
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
     ap.add_argument("--replot", type=Path, default=None, help="only redraw OUT.png from OUT.json")

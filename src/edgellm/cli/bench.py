@@ -107,30 +107,7 @@ def bench(
 
     Example: edgellm bench --url http://127.0.0.1:8000/v1 --concurrency 1,4,8 --ignore-eos
     """
-    opts = BenchOptions(
-        url=url,
-        model=model,
-        api_key=api_key,
-        workload=workload,
-        file=file,
-        text_file=text_file,
-        concurrency=concurrency,
-        rate=rate,
-        requests=requests,
-        warmup=warmup,
-        seed=seed,
-        input_len=input_len,
-        output_len=output_len,
-        system_len=system_len,
-        turns=turns,
-        temperature=temperature,
-        ignore_eos=ignore_eos,
-        extra_body=extra_body,
-        slo=slo,
-        timeout=timeout,
-        json_out=json_out,
-        plot=plot,
-    )
+    opts = BenchOptions(**locals())  # the parameters are BenchOptions' fields, one to one
     if not run_bench(opts, Console(highlight=False), err):
         raise EdgeLLMError("every request failed at some level; see the errors above")
 

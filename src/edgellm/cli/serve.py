@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Mapping
@@ -51,11 +52,9 @@ def serve(
     """
     server_settings, engine_settings = settings_from_cli(model_path, config, flags)
 
-    import uvicorn
-
     from edgellm.server import create_app
     from edgellm.server.app import is_loopback
-    from edgellm.server.connections import raise_open_files_limit, uvicorn_options
+    from edgellm.server.connections import raise_open_files_limit
     from edgellm.serving import prepare_model
 
     if not is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
@@ -67,20 +66,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app_ = create_app(server_settings, [model])
     raise_open_files_limit()
-    uv = uvicorn.Server(
-        uvicorn.Config(
-            app_,
-            host=server_settings.host,
-            port=server_settings.port,
-            log_level=server_settings.log_level,
-            timeout_graceful_shutdown=server_settings.shutdown_timeout,
-            **uvicorn_options(
-                header_timeout_s=server_settings.header_timeout,
-                keep_alive_s=server_settings.keep_alive,
-                max_connections=server_settings.max_connections,
-            ),
-        )
-    )
+    uv = _uvicorn(app_, server_settings)
     base = f"http://{server_settings.host}:{server_settings.port}/v1"
 
     def announce() -> None:
@@ -91,8 +77,31 @@ def serve(
             err.print(f"edgellm: serving [bold]{model.model_id}[/bold] at {base}")
 
     threading.Thread(target=announce, daemon=True).start()
+    gc.freeze()  # what start-up made lives on: the collector never rescans it (shorter pauses)
     uv.run()
     if model.engine.load_error is not None:
         raise EdgeLLMError(f"model failed to load: {model.engine.load_error}")
     if not uv.started:
         raise typer.Exit(1)
+
+
+def _uvicorn(app: Any, settings: ServerSettings) -> Any:
+    """The uvicorn server for `app`, with the connection limits of `settings`."""
+    import uvicorn
+
+    from edgellm.server.connections import uvicorn_options
+
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
+            **uvicorn_options(
+                header_timeout_s=settings.header_timeout,
+                keep_alive_s=settings.keep_alive,
+                max_connections=settings.max_connections,
+            ),
+        )
+    )

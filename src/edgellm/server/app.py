@@ -17,7 +17,7 @@ from edgellm.engine.engine import describe
 from edgellm.server.auth import ApiKeyAuth
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.guard import GuardPolicy, RequestGuard
-from edgellm.server.models import ModelTable, ServedModel
+from edgellm.server.models import ModelTable, ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
 from edgellm.server.pipeline import Pipeline, RecordSink
@@ -50,39 +50,43 @@ def create_app(
     app.include_router(openai_router)
     app.include_router(ollama_router)
 
-    @app.get("/", response_class=PlainTextResponse)
-    async def root() -> str:
-        """What Ollama answers here; some clients probe it."""
-        return "edgellm is running"
+    app.add_api_route("/", root, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    _add_middleware(app, settings)
+    return app
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        """Alive: the process answers. Says nothing about the model."""
-        return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        """200 once every model is loaded, with engine stats; 503 while loading or failed."""
-        table: ModelTable = request.app.state.models
-        body: dict[str, Any] = {"models": {}}
-        status = "ready"
-        for model in table:
-            engine = model.engine
-            if engine.load_error is not None:
-                status = "error"
-                body["models"][model.model_id] = {
-                    "status": "error",
-                    "error": str(engine.load_error),
-                }
-            elif not engine.ready:
-                status = "loading" if status == "ready" else status
-                body["models"][model.model_id] = {"status": "loading"}
-            else:
-                body["models"][model.model_id] = {"status": "ready", **describe(engine.stats())}
-        body["status"] = status
-        return JSONResponse(body, status_code=200 if status == "ready" else 503)
+async def root() -> str:
+    """What Ollama answers here; some clients probe it."""
+    return "edgellm is running"
 
-    # outermost last: the guard, then CORS (preflights carry no key), then the key check
+
+async def health() -> dict[str, str]:
+    """Alive: the process answers. Says nothing about the model."""
+    return {"status": "ok"}
+
+
+async def ready(request: Request) -> JSONResponse:
+    """200 once every model is loaded, with engine stats; 503 while loading or failed."""
+    body: dict[str, Any] = {"models": {}}
+    status = "ready"
+    for model in models_of(request):
+        engine = model.engine
+        if engine.load_error is not None:
+            status = "error"
+            body["models"][model.model_id] = {"status": "error", "error": str(engine.load_error)}
+        elif not engine.ready:
+            status = "loading" if status == "ready" else status
+            body["models"][model.model_id] = {"status": "loading"}
+        else:
+            body["models"][model.model_id] = {"status": "ready", **describe(engine.stats())}
+    body["status"] = status
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+
+def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
+    """Outermost last: the guard, then CORS (preflights carry no key), then the key check."""
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     if settings.allowed_origins:
@@ -101,7 +105,6 @@ def create_app(
         loopback=is_loopback(settings.host),
     )
     app.add_middleware(RequestGuard, policy=policy)
-    return app
 
 
 def is_loopback(host: str) -> bool:

@@ -135,18 +135,7 @@ class ServedModel:
                 f"the model '{self.model_id}' does not reason; `think` needs a reasoning model",
                 param="think",
             )
-        tools = list(tools or [])
-        if tool_choice == "none":
-            tools = []
-        elif tool_choice not in ("auto", "required"):
-            tools = [t for t in tools if t.name == tool_choice]
-            if not tools:
-                raise ValidationError(
-                    f"tool_choice names '{tool_choice}', which is not among the tools",
-                    param="tool_choice",
-                )
-        if len({t.name for t in tools}) != len(tools):
-            raise ValidationError("two tools have the same name", param="tools")
+        tools = _chosen_tools(list(tools or []), tool_choice)
         if tools and tool_choice != "auto":
             if grammar is not None:
                 raise ValidationError(
@@ -266,6 +255,22 @@ class ServedModel:
         sampling = dataclasses.replace(sampling, max_tokens=limit)
         request_id = request_id or uuid.uuid4().hex
         return Request(request_id, prompt, sampling, arrival_time=time.monotonic())
+
+
+def _chosen_tools(tools: list[Tool], tool_choice: str) -> list[Tool]:
+    """The tools the model may call under `tool_choice`."""
+    if tool_choice == "none":
+        return []
+    if tool_choice not in ("auto", "required"):
+        tools = [t for t in tools if t.name == tool_choice]
+        if not tools:
+            raise ValidationError(
+                f"tool_choice names '{tool_choice}', which is not among the tools",
+                param="tool_choice",
+            )
+    if len({t.name for t in tools}) != len(tools):
+        raise ValidationError("two tools have the same name", param="tools")
+    return tools
 
 
 def name_keys(name: str) -> list[tuple[str, str]]:
