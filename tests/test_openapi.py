@@ -46,6 +46,9 @@ async def test_openapi_lists_response_schemas() -> None:
         assert schemas[name]["properties"], name
         if method == "post":
             assert "requestBody" in op, path
+        errors = op["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"]
+        assert errors.endswith("OllamaError" if path.startswith("/api/") else "OpenAIError")
+        assert "422" not in op["responses"], path  # edgellm answers 400, never 422
     chat = schemas["ChatCompletion"]
     assert {"id", "object", "created", "model", "choices", "usage"} <= set(chat["required"])
     streamed = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]

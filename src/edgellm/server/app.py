@@ -21,6 +21,7 @@ from edgellm.server.models import ModelTable, ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
 from edgellm.server.pipeline import Pipeline, RecordSink
+from edgellm.server.responses import describe_errors
 from edgellm.settings import ServerSettings
 
 
@@ -54,6 +55,13 @@ def create_app(
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
     _add_middleware(app, settings)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_errors(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -276,3 +276,25 @@ def documented(model: type[BaseModel], stream_type: str | None = None) -> dict[i
     if stream_type is not None:
         content[stream_type] = {"schema": {"type": "string"}}
     return {200: {"model": model, "content": content}}
+
+
+def describe_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with each operation's errors as they are answered: FastAPI lists a
+    422 validation error, but edgellm answers 400 (and 404, 413, 503, ...) in the envelope of
+    the route's API."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in (OpenAIError, OllamaError):
+        found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(found.pop("$defs", {}))
+        schemas[model.__name__] = found
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    for path, operations in doc.get("paths", {}).items():
+        name = "OllamaError" if path.startswith("/api/") else "OpenAIError"
+        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["4XX"] = {"description": "the request was refused", "content": content}
+            responses["5XX"] = {"description": "overloaded, loading or failed", "content": content}
+    return doc
