@@ -149,8 +149,8 @@ async def test_context_overflow(family: Family) -> None:
 
 @pytest.mark.parametrize("family", GENERATING, ids=lambda f: f.name)
 async def test_engine_failure_before_the_answer(family: Family) -> None:
-    """A backend that raises: a non-streaming request gets a 500 saying the engine failed."""
-    case = Case("engine", _json, 500, "server_error", None, None, "internal engine error")
+    """A backend that raises: a non-streaming request gets a 500 that says nothing more."""
+    case = Case("engine", _json, 500, "server_error", None, None, "internal server error")
     async with scripted_server() as srv:
         srv.runner.fail_with = RuntimeError("the backend broke")
         response = await srv.client.post(family.path, json=family.with_(stream=False))

@@ -42,17 +42,37 @@ async def test_one_record_per_request_with_counts_and_timings() -> None:
 
 async def test_failed_requests_are_recorded_with_their_status() -> None:
     async with scripted_server() as srv:
-        assert (await srv.chat(model="nope")).status_code == 404
+        assert (await srv.chat(model="nope")).status_code == 404  # refused by the route
         too_long = [{"role": "user", "content": "x" * 2000}]
         assert (await srv.chat(messages=too_long)).status_code == 400
         srv.runner.fail_with = RuntimeError("broken")
         assert (await srv.chat()).status_code == 500
         wire = await srv.client.post(CHAT, json={"model": MODEL})  # refused before the pipeline
         assert wire.status_code == 400
-    missing, overflow, broken = srv.records
-    assert (missing.status, missing.error, missing.model) == (404, "ModelNotFound", "nope")
+    overflow, broken = srv.records  # refused before the pipeline: no record
     assert (overflow.status, overflow.error_code) == (400, "context_length_exceeded")
+    assert overflow.prompt_tokens > 512  # the prompt it refused, counted
     assert (broken.status, broken.error, broken.finish_reason) == (500, "EngineError", "error")
+
+
+async def test_a_stream_that_fails_after_it_began_keeps_its_200() -> None:
+    async with scripted_server() as srv:
+        srv.runner.fail_with = RuntimeError("broken")
+        response = await srv.chat(stream=True)
+        assert response.status_code == 200 and "internal engine error" in response.text
+    (record,) = srv.records
+    assert (record.status, record.error, record.finish_reason) == (200, "EngineError", "error")
+
+
+async def test_ollama_timings_start_when_the_request_is_queued() -> None:
+    """prompt_eval_duration counts from submission, not from rendering (as before)."""
+    async with scripted_server() as srv:
+        body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+        answer = (await srv.client.post("/api/generate", json=body)).json()
+    (record,) = srv.records
+    assert record.submitted is not None and record.e2e_s is not None
+    assert answer["total_duration"] <= (record.ended - record.started) * 1e9  # type: ignore[operator]
+    assert answer["total_duration"] >= (record.ended - record.submitted) * 1e9 - 1  # type: ignore[operator]
 
 
 async def test_a_broken_sink_does_not_break_requests(caplog: pytest.LogCaptureFixture) -> None:

@@ -7,6 +7,7 @@ bad file becomes a `ModelFileError` with one clear line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import re
@@ -76,7 +77,8 @@ def inspect_gguf(path: Path) -> ModelInfo:
     if not path.is_file():
         raise ModelFileError(f"model path is not a file: {path}")
     stat = path.stat()
-    return _inspect(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    info = _inspect(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return dataclasses.replace(info, metadata=dict(info.metadata))  # each caller its own
 
 
 @functools.lru_cache(maxsize=16)

@@ -12,8 +12,8 @@ def chat(
     url: str | None = typer.Option(None, help="A running server's /v1 URL; default: in-process."),
     model: str | None = typer.Option(None, help="Model name (with --url) or GGUF path."),
     system: str | None = typer.Option(None, help="System prompt."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature."),
-    max_tokens: int = typer.Option(512, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.7, min=0.0, max=2.0, help="Sampling temperature."),
+    max_tokens: int = typer.Option(512, min=1, max=1 << 20, help="Most tokens per reply."),
     api_key: str | None = typer.Option(
         None, envvar="EDGELLM_API_KEY", help="Bearer key for --url."
     ),

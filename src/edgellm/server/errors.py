@@ -35,8 +35,23 @@ HIDDEN = "internal server error"
 
 
 def shown_message(exc: EdgeLLMError) -> str:
-    """What a client may read of an error."""
+    """What a client may read of an error inside a stream that began (the engine's own
+    reasons included)."""
     return exc.message if exc.shown else HIDDEN
+
+
+def _answered(exc: EdgeLLMError) -> EdgeLLMError:
+    """The error as a whole answer says it: a 500's own text stays in the log."""
+    if exc.status_code != 500 or not exc.shown:
+        return exc
+    hidden = EdgeLLMError(HIDDEN, param=exc.param, code=exc.code)
+    hidden.error_type = exc.error_type
+    return hidden
+
+
+def _log(exc: EdgeLLMError) -> None:
+    if exc.status_code >= 500 and exc.status_code != 503:
+        log.error("internal error: %s", exc.message)
 
 
 def openai_error(exc: EdgeLLMError) -> dict[str, Any]:
@@ -65,17 +80,18 @@ def error_body(path: str, exc: EdgeLLMError) -> dict[str, Any]:
     return ollama_error(exc) if is_ollama(path) else openai_error(exc)
 
 
-def error_response(path: str, exc: EdgeLLMError) -> JSONResponse:
-    if not exc.shown:
-        log.error("internal error: %s", exc.message)
-    return JSONResponse(error_body(path, exc), status_code=exc.status_code, headers=exc.headers)
+def error_response(path: str, exc: EdgeLLMError, *, logged: bool = False) -> JSONResponse:
+    """The whole answer to a request that failed with `exc` (`logged`: already logged)."""
+    if not logged:
+        _log(exc)
+    body = error_body(path, _answered(exc))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def send_error(path: str, exc: EdgeLLMError, send: Send) -> None:
     """Answer with an error from pure ASGI middleware (before any route ran)."""
-    if not exc.shown:
-        log.error("internal error: %s", exc.message)
-    payload = json.dumps(error_body(path, exc)).encode()
+    _log(exc)
+    payload = json.dumps(error_body(path, _answered(exc))).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
@@ -146,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(request.url.path, EdgeLLMError(HIDDEN))
+        return error_response(request.url.path, EdgeLLMError(HIDDEN), logged=True)
 
     app.add_exception_handler(EdgeLLMError, on_edgellm)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -272,6 +272,7 @@ async def generate(body: GenerateBody, request: Request) -> JSONResponse | Strea
     if not body.prompt and not body.context:
         return _loaded(model, {"response": ""})
     context = body.context or []
+    model.check_token_ids(context, "context")
     given: ChatInput | TextInput
     if body.raw:  # the prompt as the model sees it, control tokens included
         if body.format or body.thinking:

@@ -187,6 +187,7 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     """A chat completion; with `stream`, ChatCompletionChunk events."""
     _check_supported(body)
+    models_of(request).resolve(body.model)  # an unknown model is the first thing said
     chat = ChatInput(
         message_dicts(body.messages),
         tools=[t.tool() for t in body.tools or []],
@@ -207,6 +208,7 @@ async def completions(
     _check_supported(body)
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")
+    models_of(request).resolve(body.model)  # an unknown model is the first thing said
     prompt: object = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         given = TextInput([t for t in prompt if isinstance(t, int)])
@@ -268,7 +270,7 @@ def _usage(out: RequestOutput) -> Usage:
 
 def _reasoning_fields(run: Run, text: str) -> dict[str, Any]:
     """`reasoning_content` (DeepSeek's name) and `reasoning` (vLLM's, OpenRouter's)."""
-    if not run.reasons or not text:
+    if not run.reasoning_shown or not text:
         return {}
     return {"reasoning_content": text, "reasoning": text}
 

@@ -92,13 +92,32 @@ class GenerationRequest:
 def sampling_params(
     defaults: SamplingParams | None = None,
     *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repeat_penalty: float | None = None,
+    penalty_last_n: int | None = None,
+    ignore_eos: bool | None = None,
     stop: Iterable[str] = (),
     logit_bias: dict[str, float] | None = None,
-    **given: Any,
 ) -> SamplingParams:
     """Sampling parameters from an API's defaults and the fields a client gave (None: not
     given). Seeds are taken modulo 2^32, as llama.cpp's sampler takes them."""
+    given: dict[str, Any] = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "repeat_penalty": repeat_penalty,
+        "penalty_last_n": penalty_last_n,
+        "ignore_eos": ignore_eos,
+    }
     values = {name: value for name, value in given.items() if value is not None}
     return dataclasses.replace(
         defaults or SamplingParams(),
@@ -118,11 +137,13 @@ class Record:
     route: str
     model: str  # the served model's name; the requested one until it resolved
     stream: bool
-    started: float = field(default_factory=time.monotonic)  # monotonic seconds
+    started: float = field(default_factory=time.monotonic)  # monotonic seconds: arrived
     created: float = field(default_factory=time.time)  # wall clock, for logs
-    first_output: float | None = None  # monotonic seconds of the first text or token
+    submitted: float | None = None  # rendered, tokenized and queued in the engine
+    first_output: float | None = None  # the first text or token
     ended: float | None = None
-    status: int = 200  # the HTTP status the client got; 499: the client went away
+    status: int = 200  # the HTTP status the client got (a stream that failed after it began
+    # got 200: `error` says it failed); 499: the client went away
     error: str | None = None  # the error class, when the request failed
     error_code: str | None = None
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | "error"
@@ -154,7 +175,7 @@ class Piece:
 class Final:
     output: RequestOutput  # the engine's last output: counts and finish reason
     tool_calls: list[ToolCall]
-    started: float  # monotonic seconds: arrived, first output, last output
+    started: float  # monotonic seconds: queued in the engine, first output, last output
     first_output: float
     ended: float
 
@@ -187,6 +208,7 @@ class Pipeline:
             model = self.models.resolve(request.model)
             record.model = model.model_id
             plan, prompt = await asyncio.to_thread(_prompt, model, request)
+            record.prompt_tokens = len(prompt)
             sampling = dataclasses.replace(
                 request.sampling, grammar=plan.grammar if plan is not None else None
             )
@@ -195,17 +217,25 @@ class Pipeline:
                 prompt, sampling, request.max_tokens, param, request.n_ctx, record.request_id
             )
             stream = await _submit(model, engine_request, param)
-        except EdgeLLMError as exc:
+        except BaseException as exc:  # recorded however it failed, then raised as it was
             record.ended = time.monotonic()
-            self._fail(record, exc)
+            self.record_failure(record, exc)
             raise
+        record.submitted = time.monotonic()
         return Run(self, model, plan, stream, record)
 
-    def _fail(self, record: Record, exc: EdgeLLMError) -> None:
-        record.status = exc.status_code
+    def record_failure(self, record: Record, exc: BaseException, *, answered: bool = False) -> None:
+        """Report a request that ended with `exc`; `answered`: its client already got a 200
+        (a stream that began), which stays its status."""
+        if isinstance(exc, asyncio.CancelledError):
+            status = 499  # the client went away while the request was being prepared
+        else:
+            status = exc.status_code if isinstance(exc, EdgeLLMError) else 500
+        if not answered:
+            record.status = status
         record.error = type(exc).__name__
-        record.error_code = exc.code
-        record.finish_reason = record.finish_reason or "error"
+        record.error_code = exc.code if isinstance(exc, EdgeLLMError) else None
+        record.finish_reason = record.finish_reason or ("abort" if status == 499 else "error")
         self.emit(record)
 
     def emit(self, record: Record) -> None:
@@ -281,10 +311,11 @@ class Run:
 
     @property
     def include_reasoning(self) -> bool:
+        """Whether the client asked for the reasoning (it gets it when the model reasons)."""
         return self.plan is not None and self.plan.include_reasoning
 
     @property
-    def reasons(self) -> bool:
+    def reasoning_shown(self) -> bool:
         """Whether reasoning is split out of this request's answer and given to the client."""
         plan = self.plan
         return plan is not None and plan.reasoning is not None and plan.include_reasoning
@@ -327,7 +358,8 @@ class Run:
                 if output.finished:
                     calls = scanner.calls if scanner is not None else []
                     record.ended = time.monotonic()
-                    final = Final(output, calls, record.started, record.first_output, record.ended)
+                    submitted = record.submitted or record.started
+                    final = Final(output, calls, submitted, record.first_output, record.ended)
                     record.finish_reason = final.finish_reason
                     yield final
         except EdgeLLMError as exc:
@@ -371,7 +403,7 @@ class Run:
         if record.ended is None:
             record.ended = time.monotonic()
         if error is not None:
-            self.pipeline._fail(record, error)
+            self.pipeline.record_failure(record, error, answered=record.stream)
             return
         if record.finish_reason is None:
             record.status, record.finish_reason = 499, "abort"
