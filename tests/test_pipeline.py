@@ -134,3 +134,43 @@ def test_names_and_tags() -> None:
 def test_settings_reach_the_in_process_app() -> None:
     """The seam takes the same settings as a served process (used by the envelope table)."""
     assert ServerSettings(api_key="k").api_key == "k"
+
+
+async def test_every_answer_carries_a_request_id() -> None:
+    """X-Request-Id: the client's own when sane (echoed, in OpenAI's `id` and the record), a
+    new one otherwise; error answers from middleware and routes carry it too."""
+    async with scripted_server(ServerSettings(max_body_bytes=2048)) as srv:
+        mine = await srv.client.post(
+            CHAT,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"x-request-id": "trace-42.a:b"},
+        )
+        again = await srv.chat(stream=True)
+        bad = await srv.client.post(
+            "/api/generate",
+            json={"model": MODEL, "prompt": "hi", "stream": False},
+            headers={"x-request-id": "no spaces or \"quotes\" allowed"},
+        )
+        too_large = await srv.client.post(CHAT, content=b"x" * 4096)
+        health = await srv.client.get("/health")
+    assert mine.headers["x-request-id"] == "trace-42.a:b"
+    assert mine.json()["id"] == "chatcmpl-trace-42.a:b"
+    assert srv.records[0].request_id == "trace-42.a:b"
+    assert again.headers["x-request-id"] == srv.records[1].request_id
+    assert f"chatcmpl-{srv.records[1].request_id}" in again.text
+    generated = bad.headers["x-request-id"]
+    assert len(generated) == 32 and generated == srv.records[2].request_id
+    assert too_large.status_code == 413 and len(too_large.headers["x-request-id"]) == 32
+    assert len(health.headers["x-request-id"]) == 32
+
+
+async def test_clients_may_reuse_a_request_id() -> None:
+    """The engine's own ids stay unique: two requests under one X-Request-Id both succeed."""
+    async with scripted_server() as srv:
+        same = {"x-request-id": "same"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+        answers = await asyncio.gather(
+            *(srv.client.post(CHAT, json=body, headers=same) for _ in range(3))
+        )
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [r.request_id for r in srv.records] == ["same"] * 3

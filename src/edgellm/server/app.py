@@ -21,6 +21,7 @@ from edgellm.server.models import ModelTable, ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
 from edgellm.server.pipeline import Pipeline, RecordSink
+from edgellm.server.request_id import RequestIds
 from edgellm.server.responses import describe_errors
 from edgellm.settings import ServerSettings
 
@@ -94,7 +95,8 @@ async def ready(request: Request) -> JSONResponse:
 
 
 def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
-    """Outermost last: the guard, then CORS (preflights carry no key), then the key check."""
+    """Outermost last: request ids, the guard, then CORS (preflights carry no key), then the
+    key check."""
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     if settings.allowed_origins:
@@ -113,6 +115,7 @@ def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
         loopback=is_loopback(settings.host),
     )
     app.add_middleware(RequestGuard, policy=policy)
+    app.add_middleware(RequestIds)  # outermost: every answer carries X-Request-Id
 
 
 def is_loopback(host: str) -> bool:

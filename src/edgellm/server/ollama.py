@@ -47,6 +47,7 @@ from edgellm.server.pipeline import (
     pipeline_of,
     sampling_params,
 )
+from edgellm.server.request_id import request_id_of
 from edgellm.server.responses import (
     OllamaChatResponse,
     OllamaDetails,
@@ -193,7 +194,10 @@ def _format(fmt: str | dict[str, Any] | None) -> OutputFormat | None:
 
 
 def _generation(
-    body: GeneratingBody, route: str, given: ChatInput | TextInput, prefix: list[int] | None = None
+    body: GeneratingBody,
+    request: Request,
+    given: ChatInput | TextInput,
+    prefix: list[int] | None = None,
 ) -> GenerationRequest:
     option = body.option
     stop = option("stop")
@@ -217,7 +221,7 @@ def _generation(
     limit = predict if predict is not None and predict > 0 else None
     return GenerationRequest(
         "ollama",
-        route,
+        request.url.path,
         body.model,
         given,
         sampling,
@@ -225,6 +229,7 @@ def _generation(
         stream=body.stream,
         n_ctx=option("num_ctx"),
         prefix=prefix or [],
+        request_id=request_id_of(request.scope),
     )
 
 
@@ -257,7 +262,7 @@ async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResp
         format=_format(body.format),
         think=body.thinking,
     )
-    run = await pipeline_of(request).start(_generation(body, request.url.path, given))
+    run = await pipeline_of(request).start(_generation(body, request, given))
     return await _answer(request, run, body.stream, "message")
 
 
@@ -286,7 +291,7 @@ async def generate(body: GenerateBody, request: Request) -> JSONResponse | Strea
             think=body.thinking,
             param="prompt",
         )
-    run = await pipeline_of(request).start(_generation(body, request.url.path, given, context))
+    run = await pipeline_of(request).start(_generation(body, request, given, context))
     return await _answer(request, run, body.stream, "response")
 
 

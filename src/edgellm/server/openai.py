@@ -30,6 +30,7 @@ from edgellm.server.pipeline import (
     pipeline_of,
     sampling_params,
 )
+from edgellm.server.request_id import request_id_of
 from edgellm.server.responses import (
     AssistantMessage,
     ChatChoice,
@@ -117,7 +118,7 @@ def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 
 def _generation(
-    body: ChatCompletionRequest | CompletionRequest, route: str, given: ChatInput | TextInput
+    body: ChatCompletionRequest | CompletionRequest, request: Request, given: ChatInput | TextInput
 ) -> GenerationRequest:
     sampling = sampling_params(
         temperature=body.temperature,
@@ -133,7 +134,14 @@ def _generation(
         logit_bias=body.logit_bias,
     )
     return GenerationRequest(
-        "openai", route, body.model, given, sampling, body.token_limit, stream=body.stream
+        "openai",
+        request.url.path,
+        body.model,
+        given,
+        sampling,
+        body.token_limit,
+        stream=body.stream,
+        request_id=request_id_of(request.scope),
     )
 
 
@@ -196,7 +204,7 @@ async def chat_completions(
         think=body.think,
         include_reasoning=body.include_reasoning,
     )
-    run = await pipeline_of(request).start(_generation(body, request.url.path, chat))
+    run = await pipeline_of(request).start(_generation(body, request, chat))
     return await _answer(request, run, body, "chatcmpl-")
 
 
@@ -220,7 +228,7 @@ async def completions(
         if not isinstance(prompt, str) or not prompt:
             raise ValidationError("the prompt is empty", param="prompt")
         given = TextInput(prompt)
-    run = await pipeline_of(request).start(_generation(body, request.url.path, given))
+    run = await pipeline_of(request).start(_generation(body, request, given))
     return await _answer(request, run, body, "cmpl-")
 
 

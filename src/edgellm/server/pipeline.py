@@ -87,6 +87,7 @@ class GenerationRequest:
     n_ctx: int | None = None  # a smaller context the client asks for (Ollama's num_ctx)
     prefix: list[int] = field(default_factory=list)  # token ids before the input (Ollama's context)
     prefix_param: str = "context"
+    request_id: str | None = None  # the client-facing id (X-Request-Id); None: a new one
 
 
 def sampling_params(
@@ -132,7 +133,7 @@ def sampling_params(
 class Record:
     """What happened to one generation request, once it ended (however it ended)."""
 
-    request_id: str
+    request_id: str  # the client-facing id: X-Request-Id, and the suffix of OpenAI's `id`
     api: Api
     route: str
     model: str  # the served model's name; the requested one until it resolved
@@ -203,7 +204,8 @@ class Pipeline:
 
     async def start(self, request: GenerationRequest) -> Run:
         """Resolve, render, tokenize and submit; raises the request's error (recorded)."""
-        record = Record(uuid.uuid4().hex, request.api, request.route, request.model, request.stream)
+        ident = request.request_id or uuid.uuid4().hex
+        record = Record(ident, request.api, request.route, request.model, request.stream)
         try:
             model = self.models.resolve(request.model)
             record.model = model.model_id
@@ -213,8 +215,9 @@ class Pipeline:
                 request.sampling, grammar=plan.grammar if plan is not None else None
             )
             param = request.input.param
+            # the engine's own id stays unique even when clients reuse an X-Request-Id
             engine_request = model.make_request(
-                prompt, sampling, request.max_tokens, param, request.n_ctx, record.request_id
+                prompt, sampling, request.max_tokens, param, request.n_ctx
             )
             stream = await _submit(model, engine_request, param)
         except BaseException as exc:  # recorded however it failed, then raised as it was
