@@ -4,6 +4,7 @@ ends, the model table changing while serving, queue-full answers, a broken recor
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -149,7 +150,7 @@ async def test_every_answer_carries_a_request_id() -> None:
         bad = await srv.client.post(
             "/api/generate",
             json={"model": MODEL, "prompt": "hi", "stream": False},
-            headers={"x-request-id": "no spaces or \"quotes\" allowed"},
+            headers={"x-request-id": 'no spaces or "quotes" allowed'},
         )
         too_large = await srv.client.post(CHAT, content=b"x" * 4096)
         health = await srv.client.get("/health")
@@ -174,3 +175,35 @@ async def test_clients_may_reuse_a_request_id() -> None:
         )
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [r.request_id for r in srv.records] == ["same"] * 3
+
+
+async def test_a_dead_engine_fails_everyone_fast_and_says_so() -> None:
+    """A backend step that raises kills the engine: every request in flight ends with an
+    error at once, /health and /ready answer 503 with the reason, and later requests on
+    either API are refused at once (503, engine_down) instead of hanging."""
+    runner = TextRunner(n_ctx=2048, seq_cells=512, step_s=0.01)
+    async with scripted_server(runner=runner) as srv:
+        streams = [asyncio.create_task(srv.chat(stream=True, max_tokens=200)) for _ in range(3)]
+        plain = asyncio.create_task(srv.chat(max_tokens=200))
+        await asyncio.to_thread(runner.stepping.wait, 10)
+        await asyncio.sleep(0.1)  # all four are decoding
+        runner.fail_with = RuntimeError("the backend broke")
+        started = time.monotonic()
+        answers = await asyncio.gather(*streams, plain)
+        assert time.monotonic() - started < 1.0
+        for streamed in answers[:3]:
+            assert streamed.status_code == 200 and "internal engine error" in streamed.text
+        assert answers[3].status_code == 500
+        health, ready = await srv.client.get("/health"), await srv.client.get("/ready")
+        assert health.status_code == 503 and "RuntimeError" in health.text
+        assert ready.status_code == 503 and ready.json()["status"] == "error"
+        started = time.monotonic()
+        later = await srv.chat()
+        ollama = await srv.client.post(
+            "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert time.monotonic() - started < 1.0
+    assert later.status_code == 503 and later.json()["error"]["code"] == "engine_down"
+    assert ollama.status_code == 503 and "engine stopped" in ollama.json()["error"]
+    assert "the backend broke" not in health.text + later.text  # the log has it, not clients
+    assert [r.error for r in srv.records].count("EngineError") == 4

@@ -16,7 +16,8 @@
     ├── QueueFull                     503  carries Retry-After seconds
     ├── NotReady                      503  model still loading
     ├── ModelFileError                -    a model file that must not reach llama.cpp (CLI)
-    └── EngineError                   500  internal; clients see a generic message
+    └── EngineError                   500  internal; the message is ours, shown in streams
+        └── EngineDown                503  the engine stopped; restart the process
 
 Each class says whether its message may be shown to a client (`shown`); the others are
 answered "internal server error". The server renders every one of them, from a route, a
@@ -177,3 +178,14 @@ class EngineError(EdgeLLMError):
     client may read it: it is why its request ended."""
 
     shown = True
+
+
+class EngineDown(EngineError):
+    """The engine stopped after an internal error; the process must be restarted (its health
+    check says so, for the orchestrator)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="engine_down")

@@ -15,7 +15,13 @@ from edgellm.engine.request import Request, RequestStatus, finish_reason
 from edgellm.engine.runner import Runner, Tokenizer
 from edgellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from edgellm.engine.text import TextStream
-from edgellm.errors import EdgeLLMError, EngineError, NotReady, OutputConstraintError
+from edgellm.errors import (
+    EdgeLLMError,
+    EngineDown,
+    EngineError,
+    NotReady,
+    OutputConstraintError,
+)
 
 log = logging.getLogger("edgellm.engine")
 
@@ -188,6 +194,8 @@ class AsyncEngine:
         self._loaded = threading.Event()
         self._engine: Engine | None = None
         self.load_error: BaseException | None = None
+        self.failure: str | None = None  # why the engine stopped after it had loaded
+        self._admit = threading.Lock()  # a submission and the engine's death do not interleave
         self._stats: SchedulerStats | None = None
 
     # -- asyncio side ------------------------------------------------------------------------
@@ -217,9 +225,11 @@ class AsyncEngine:
         if not self.ready:
             raise NotReady("the model is still loading")
         out: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[request.request_id] = out
         accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._inbox.put(_Add(request, accepted))
+        with self._admit:
+            self.check_alive()
+            self._queues[request.request_id] = out
+            self._inbox.put(_Add(request, accepted))
         try:
             await asyncio.wrap_future(accepted)
         except BaseException:
@@ -227,6 +237,14 @@ class AsyncEngine:
             self._inbox.put(_Abort(request.request_id))  # harmless if it never got in
             raise
         return RequestStream(self, request.request_id, out)
+
+    def check_alive(self) -> None:
+        """Raise EngineDown once the engine has stopped after an internal error."""
+        if self.failure is not None:
+            raise EngineDown(
+                f"the engine stopped after an internal error ({self.failure}); "
+                "the server must be restarted"
+            )
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -274,11 +292,25 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception:
-                log.exception("engine step failed; failing the running requests")
-                outputs = engine.fail_all("internal engine error")
+            except Exception as exc:
+                log.exception("engine step failed; the engine stops")
+                self._die(engine, f"an engine step raised {type(exc).__name__}")
+                return
             self._stats = engine.scheduler.stats()
             self._publish(outputs)
+
+    def _die(self, engine: Engine, reason: str) -> None:
+        """Stop for good: every request in the engine and every submission still in the inbox
+        ends with an error now, and later submissions are refused (EngineDown)."""
+        with self._admit:
+            self.failure = reason
+            pending = self._drain(block=False)
+        self._publish(engine.fail_all("internal engine error"))
+        for command in pending:
+            if isinstance(command, _Add):
+                command.accepted.set_exception(
+                    EngineDown("the engine stopped after an internal error")
+                )
 
     def _drain(self, block: bool) -> list[_Command]:
         commands: list[_Command] = [self._inbox.get()] if block else []

@@ -71,9 +71,13 @@ async def root() -> str:
     return "edgellm is running"
 
 
-async def health() -> dict[str, str]:
-    """Alive: the process answers. Says nothing about the model."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Alive: the process answers and no engine has stopped after an internal error (503
+    with the reason then: the process must be restarted). Says nothing about loading."""
+    failed = {m.model_id: m.engine.failure for m in models_of(request) if m.engine.failure}
+    if failed:
+        return JSONResponse({"status": "error", "engines": failed}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> JSONResponse:
@@ -82,9 +86,10 @@ async def ready(request: Request) -> JSONResponse:
     status = "ready"
     for model in models_of(request):
         engine = model.engine
-        if engine.load_error is not None:
+        if engine.load_error is not None or engine.failure is not None:
             status = "error"
-            body["models"][model.model_id] = {"status": "error", "error": str(engine.load_error)}
+            reason = engine.failure or str(engine.load_error)
+            body["models"][model.model_id] = {"status": "error", "error": reason}
         elif not engine.ready:
             status = "loading" if status == "ready" else status
             body["models"][model.model_id] = {"status": "loading"}

@@ -325,8 +325,10 @@ class ModelTable:
         return model
 
     def resolve(self, name: str) -> ServedModel:
-        """The model `name` refers to, ready to take requests; ModelNotFound or NotReady."""
+        """The model `name` refers to, ready to take requests; ModelNotFound, NotReady, or
+        EngineDown when its engine stopped."""
         model = self.lookup(name)
+        model.engine.check_alive()
         if not model.engine.ready:
             raise NotReady(f"the model '{name}' is still loading")
         return model
