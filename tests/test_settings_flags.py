@@ -41,6 +41,7 @@ OTHER: dict[str, Any] = {
     "keep_alive": 3.5,
     "max_connections": 64,
     "shutdown_timeout": 9,
+    "metrics": False,
     "ctx": 4096,
     "parallel": 2,
     "batch": 64,

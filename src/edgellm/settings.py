@@ -213,6 +213,7 @@ class ServerSettings(_LayerSettings):
         description="Seconds open requests have to finish after Ctrl-C or SIGTERM; then they "
         "are cancelled.",
     )
+    metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")
     @classmethod

@@ -10,13 +10,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from edgellm import __version__
 from edgellm.engine.engine import describe
 from edgellm.server.auth import ApiKeyAuth
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.guard import GuardPolicy, RequestGuard
+from edgellm.server.metrics import CONTENT_TYPE as METRICS_TYPE
+from edgellm.server.metrics import Metrics
 from edgellm.server.models import ModelTable, ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
@@ -47,6 +49,15 @@ def create_app(
     table = ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
     app.state.models = table
+    if settings.metrics:
+        metrics = Metrics(table)
+        sinks = [metrics.observe, *sinks]
+
+        async def scrape() -> Response:
+            """Prometheus metrics (text exposition format)."""
+            return Response(metrics.exposition(), media_type=METRICS_TYPE)
+
+        app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False)
     app.state.pipeline = Pipeline(table, sinks)
     install_error_handlers(app)
     app.include_router(openai_router)
