@@ -2,8 +2,11 @@
 
 Each case is sent while a probe measures `/health` and a bystander runs a normal chat; then a
 normal request must succeed. Bounds held (on a 2-core box): `/health` within 100 ms at every
-probe, the bystander's 8-token chat within 10 s (alone it takes ~0.3 s), every rejection a 4xx
-naming the field, and the process alive afterwards.
+probe but at most one, and within 500 ms at every one (a frozen event loop stays frozen: a
+grammar compile or a regex blow-up on the loop takes seconds; one late probe is the scheduler of
+a busy 2-core machine, which CI runs have shown at 112-184 ms), the bystander's 8-token chat
+within 10 s (alone it takes ~0.3 s), every rejection a 4xx naming the field, and the process
+alive afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
-HEALTH_BOUND_S = 0.1
+HEALTH_BOUND_S = 0.1  # every probe but one
+FROZEN_BOUND_S = 0.5  # every probe
 BYSTANDER_BOUND_S = 10.0
 GRAMMAR_TIMEOUT_S = 1.0  # the server's --grammar-timeout here
 
@@ -119,7 +123,9 @@ class Watch:
     def check(self) -> None:
         assert self.health, "no /health probe completed"
         print(f"[watch] /health max {1000 * max(self.health):.1f} ms, bystander {self.bystander} s")
-        assert max(self.health) < HEALTH_BOUND_S, f"/health took {max(self.health):.3f} s"
+        slow = [round(t, 3) for t in self.health if t >= HEALTH_BOUND_S]
+        assert len(slow) <= 1, f"/health slow at {len(slow)} probes of {len(self.health)}: {slow}"
+        assert max(self.health) < FROZEN_BOUND_S, f"/health took {max(self.health):.3f} s"
         assert self.bystander_status == 200
         assert self.bystander is not None and self.bystander < BYSTANDER_BOUND_S
 
