@@ -32,6 +32,7 @@ from edgellm.settings import ServerSettings
 from tests.fakes import EOS, ScriptedRunner
 
 MODEL = "scripted"
+VERSION = "0123456789ab"  # what a served model's version looks like: a SHA-256 prefix
 
 
 @dataclass
@@ -108,6 +109,7 @@ def scripted_model(
         template=template,
         engine=AsyncEngine(lambda: Engine(runner, runner, config)),
         make_embedder=ScriptedEmbedder,
+        version_of=lambda: VERSION,
     )
 
 

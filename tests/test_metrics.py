@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgellm.settings import ServerSettings
-from tests.inprocess import MODEL, ScriptedServer, TextRunner, scripted_server
+from tests.inprocess import MODEL, VERSION, ScriptedServer, TextRunner, scripted_server
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +30,22 @@ async def _scrape(srv: ScriptedServer) -> Samples:
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample of `name` with exactly these labels (the served model's version added to
+    per-model series of the served model)."""
+    if labels.get("model") == MODEL and "version" not in labels and not name.startswith(
+        ("edgellm_engine_up", "edgellm_requests_running", "edgellm_requests_waiting", "edgellm_kv")
+    ):
+        labels = {**labels, "version": VERSION}
     return samples[name].get(tuple(sorted(labels.items())), 0.0)
+
+
+def _total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include these."""
+    return sum(
+        value
+        for key, value in samples[name].items()
+        if all((k, v) in key for k, v in labels.items())
+    )
 
 
 async def test_counters_follow_real_traffic() -> None:
@@ -46,18 +61,27 @@ async def test_counters_follow_real_traffic() -> None:
         ollama = (await srv.client.post("/api/generate", json=generate)).json()
         too_long = await srv.chat(messages=[{"role": "user", "content": "x" * 2000}])
         assert too_long.status_code == 400
+        assert (await srv.chat(temperature=5)).status_code == 400  # refused by the wire model
+        assert (await srv.chat(model="nope")).status_code == 404
+        assert (await srv.client.get("/v1/nothing")).status_code == 404  # not a generation
         samples = await _scrape(srv)
     ok = _value(samples, "edgellm_requests_total", model=MODEL, api="openai", status="200")
     assert ok == 3
     assert _value(samples, "edgellm_requests_total", model=MODEL, api="ollama", status="200") == 1
     assert _value(samples, "edgellm_requests_total", model=MODEL, api="openai", status="400") == 1
+    unknown = {"model": "unknown", "version": "", "api": "openai"}
+    assert _value(samples, "edgellm_requests_total", **unknown, status="400") == 1
+    assert _value(samples, "edgellm_requests_total", **unknown, status="404") == 1
+    assert _value(samples, "edgellm_requests_rejected_total", reason="invalid") == 2
+    assert _value(samples, "edgellm_requests_rejected_total", reason="not_found") == 2
+    assert _value(samples, "edgellm_model_loaded", model=MODEL) == 1
     length = _value(samples, "edgellm_requests_finished_total", model=MODEL, finish_reason="length")
     assert length == 4
     generated = _value(samples, "edgellm_generation_tokens_total", model=MODEL)
     assert generated == 5 * 3 + ollama["eval_count"]
     records = srv.records
     assert _value(samples, "edgellm_prompt_tokens_total", model=MODEL) == sum(
-        r.prompt_tokens for r in records
+        r.prompt_tokens for r in records if r.submitted is not None
     )
     assert (
         _value(samples, "edgellm_prompt_tokens_cached_total", model=MODEL)
@@ -67,8 +91,12 @@ async def test_counters_follow_real_traffic() -> None:
     assert _value(samples, "edgellm_time_to_first_token_seconds_count", model=MODEL) == 4
     assert _value(samples, "edgellm_e2e_request_latency_seconds_count", model=MODEL) == 4
     assert _value(samples, "edgellm_request_generation_tokens_count", model=MODEL) == 4
+    assert _value(samples, "edgellm_request_queue_time_seconds_count", model=MODEL) == 4
+    gaps = sum(r.completion_tokens - 1 for r in records if r.completion_tokens)
+    assert _value(samples, "edgellm_inter_token_latency_seconds_count", model=MODEL) == gaps
+    assert _total(samples, "process_resident_memory_bytes") > 0
     assert _value(samples, "edgellm_engine_up", model=MODEL) == 1
-    assert _value(samples, "edgellm_num_requests_running", model=MODEL) == 0
+    assert _value(samples, "edgellm_requests_running", model=MODEL) == 0
 
 
 async def test_queue_rejections_and_dead_engines_show() -> None:
@@ -86,8 +114,9 @@ async def test_queue_rejections_and_dead_engines_show() -> None:
         broken = await srv.chat()
         assert broken.status_code == 500, broken.text
         after = await _scrape(srv)
-    assert _value(running, "edgellm_num_requests_running", model=MODEL) == 1
+    assert _value(running, "edgellm_requests_running", model=MODEL) == 1
     assert _value(after, "edgellm_requests_total", model=MODEL, api="openai", status="503") == 1
+    assert _value(after, "edgellm_requests_rejected_total", reason="queue_full") == 1
     assert _value(after, "edgellm_requests_total", model=MODEL, api="openai", status="500") == 1
     assert _value(after, "edgellm_engine_up", model=MODEL) == 0
 

@@ -15,12 +15,15 @@
     ├── RateLimited                   429
     ├── QueueFull                     503  carries Retry-After seconds
     ├── NotReady                      503  model still loading
+    ├── Draining                      503  shutting down: no new requests; carries Retry-After
     ├── ModelFileError                -    a model file that must not reach llama.cpp (CLI)
     └── EngineError                   500  internal; the message is ours, shown in streams
         └── EngineDown                503  the engine stopped; restart the process
 
 Each class says whether its message may be shown to a client (`shown`); the others are
-answered "internal server error". The server renders every one of them, from a route, a
+answered "internal server error". A class that refuses a request before any work on it names the
+`rejection` reason it is counted under (edgellm_requests_rejected_total); failures do not. The
+server renders every one of them, from a route, a
 middleware or the middle of a stream, with one function per API shape (`edgellm.server.errors`);
 the CLI prints the message as one line.
 """
@@ -34,6 +37,7 @@ class EdgeLLMError(Exception):
     status_code = 500
     error_type = "server_error"
     shown = False  # whether a client may read the message; else "internal server error"
+    rejection: str | None = None  # the reason a refused request is counted under; None: a failure
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -48,6 +52,7 @@ class EdgeLLMError(Exception):
 
 
 class ValidationError(EdgeLLMError):
+    rejection: str | None = "invalid"
     status_code = 400
     error_type = "invalid_request_error"
     shown = True
@@ -62,11 +67,14 @@ class OutputConstraintError(ValidationError):
     """A request's grammar allowed no next token, or its sandbox timed out or died. Raised
     after generation began; the API names the field the grammar came from."""
 
+    rejection = None  # generation had begun: a failure, not a refusal
+
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message, param=param, code="output_constraint_failed")
 
 
 class AuthError(EdgeLLMError):
+    rejection = "unauthorized"
     status_code = 401
     error_type = "authentication_error"
     shown = True
@@ -80,12 +88,14 @@ class AuthError(EdgeLLMError):
 
 
 class Forbidden(EdgeLLMError):
+    rejection = "forbidden"
     status_code = 403
     error_type = "permission_error"
     shown = True
 
 
 class ModelNotFound(EdgeLLMError):
+    rejection = "not_found"
     status_code = 404
     error_type = "invalid_request_error"
     shown = True
@@ -97,12 +107,14 @@ class ModelNotFound(EdgeLLMError):
 
 
 class RouteNotFound(EdgeLLMError):
+    rejection = "not_found"
     status_code = 404
     error_type = "not_found_error"
     shown = True
 
 
 class MethodNotAllowed(EdgeLLMError):
+    rejection = "invalid"
     status_code = 405
     error_type = "invalid_request_error"
     shown = True
@@ -117,18 +129,21 @@ class MethodNotAllowed(EdgeLLMError):
 
 
 class RequestTimeout(EdgeLLMError):
+    rejection = "timeout"
     status_code = 408
     error_type = "invalid_request_error"
     shown = True
 
 
 class PayloadTooLarge(EdgeLLMError):
+    rejection = "too_large"
     status_code = 413
     error_type = "invalid_request_error"
     shown = True
 
 
 class UnsupportedMediaType(EdgeLLMError):
+    rejection = "invalid"
     status_code = 415
     error_type = "invalid_request_error"
     shown = True
@@ -149,11 +164,13 @@ class _TryLater(EdgeLLMError):
 
 
 class RateLimited(_TryLater):
+    rejection = "rate_limited"
     status_code = 429
     error_type = "rate_limit_error"
 
 
 class QueueFull(_TryLater):
+    rejection = "queue_full"
     status_code = 503
     error_type = "server_overloaded"
 
@@ -161,7 +178,21 @@ class QueueFull(_TryLater):
         super().__init__(message, retry_after_s=retry_after_s, code="queue_full")
 
 
+class Draining(_TryLater):
+    """The server is shutting down (SIGTERM): it takes no new requests, and ends those still
+    running with this error when its drain timeout passes. Retry elsewhere, or here once it
+    has restarted."""
+
+    rejection = "draining"
+    status_code = 503
+    error_type = "server_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, retry_after_s=retry_after_s, code="draining")
+
+
 class NotReady(EdgeLLMError):
+    rejection = "not_ready"
     status_code = 503
     error_type = "server_not_ready"
     shown = True
@@ -184,6 +215,7 @@ class EngineDown(EngineError):
     """The engine stopped after an internal error; the process must be restarted (its health
     check says so, for the orchestrator)."""
 
+    rejection = "engine_down"
     status_code = 503
     error_type = "server_error"
 

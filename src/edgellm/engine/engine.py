@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -38,6 +39,7 @@ class RequestOutput:
     completion_tokens: int  # tokens generated so far, not counting a final end-of-generation
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not computed
     error: EdgeLLMError | None = None  # why the request ended early (finish reason "error")
+    queued_s: float | None = None  # arrival to its first admission; None while never admitted
 
 
 class Engine:
@@ -125,6 +127,9 @@ class Engine:
             completion_tokens=generated,
             cached_tokens=request.num_cached_tokens,
             error=error,
+            queued_s=None
+            if request.admitted_time is None
+            else request.admitted_time - request.arrival_time,
         )
 
     def close(self) -> None:
@@ -152,11 +157,20 @@ _Command = _Add | _Abort | _Stop
 class RequestStream:
     """Outputs of one submitted request, in order. `abort()` (or leaving early) cancels it."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, out: asyncio.Queue[RequestOutput]):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_id: str,
+        out: asyncio.Queue[RequestOutput],
+        prompt_tokens: int = 0,
+    ):
         self._engine = engine
         self.request_id = request_id
         self._out = out
         self.finished = False
+        # the latest output read (its counts go on an interruption's output)
+        self._latest = RequestOutput(request_id, "", False, None, prompt_tokens, 0)
+        self._interruption: RequestOutput | None = None
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -165,10 +179,24 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         output = await self._out.get()
+        if output is self._interruption:
+            output = dataclasses.replace(
+                self._latest, text="", finished=True, finish_reason="error", error=output.error
+            )
+        self._latest = output
         if output.finished:
             self.finished = True
             self._engine._forget(self.request_id)
         return output
+
+    def interrupt(self, error: EdgeLLMError) -> None:
+        """End the request from outside the engine (a drain that timed out): its reader gets
+        the outputs already delivered, then a last one with `error`; the engine drops it."""
+        if self.finished or self._interruption is not None:
+            return
+        self._engine.abort(self.request_id)
+        self._interruption = RequestOutput(self.request_id, "", True, "error", 0, 0, error=error)
+        self._out.put_nowait(self._interruption)
 
     def abort(self) -> None:
         if not self.finished:
@@ -236,7 +264,7 @@ class AsyncEngine:
             self._queues.pop(request.request_id, None)
             self._inbox.put(_Abort(request.request_id))  # harmless if it never got in
             raise
-        return RequestStream(self, request.request_id, out)
+        return RequestStream(self, request.request_id, out, len(request.prompt_tokens))
 
     def check_alive(self) -> None:
         """Raise EngineDown once the engine has stopped after an internal error."""

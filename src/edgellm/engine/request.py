@@ -72,6 +72,7 @@ class Request:
     num_computed: int = 0  # tokens of `all_tokens` whose KV cells exist in `seq_id`
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found resident at first admission (prefix cache)
+    admitted_time: float | None = None  # monotonic seconds: first given a sequence (queue time)
     awaiting_token: bool = False  # its next token is being chosen (possibly over several steps)
 
     @property

@@ -25,6 +25,7 @@ A chunk samples a token exactly when it ends at the request's last known token.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -163,6 +164,7 @@ class Scheduler:
         request.num_computed = placement.keep
         if request.num_preemptions == 0:
             request.num_cached_tokens = placement.keep
+            request.admitted_time = time.monotonic()
         self.cells_used += placement.keep
         # its first `keep` cells are in place before this step's batch: a later admission in
         # this step may copy them (the runner applies KV ops in order, copies before the batch)

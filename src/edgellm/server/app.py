@@ -49,9 +49,11 @@ def create_app(
     table = ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
     app.state.models = table
+    app.state.error_observers = []  # called with every whole error answer (server.errors)
     if settings.metrics:
         metrics = Metrics(table)
         sinks = [metrics.observe, *sinks]
+        app.state.error_observers.append(metrics.on_error)
 
         async def scrape() -> Response:
             """Prometheus metrics (text exposition format)."""

@@ -43,4 +43,4 @@ class ApiKeyAuth:
             error = AuthError("no API key: send Authorization: Bearer KEY or X-Api-Key: KEY")
         else:
             error = AuthError("the API key is not valid")
-        await send_error(scope["path"], error, send)
+        await send_error(scope, error, send)

@@ -4,23 +4,27 @@ one function per API shape:
     OpenAI (/v1/..., /, /health, ...)  {"error": {"message", "type", "param", "code"}}
     Ollama (/api/...)                  {"error": "param: message"}
 
-Routes, middleware (`error_response`) and streams that already began (`openai_error`,
-`ollama_error` written as an event) all go through them. A class whose message may not be
-shown (`EdgeLLMError.shown`) is answered "internal server error" and logged.
+Routes, middleware (`error_response`, `send_error`) and streams that already began
+(`openai_error`, `ollama_error` written as an event) all go through them. A class whose message
+may not be shown (`EdgeLLMError.shown`) is answered "internal server error" and logged.
+
+Every whole error answer is also reported to the app's error observers (`app.state.
+error_observers`: metrics count rejections there), with whether the request pipeline already
+recorded the request (`mark_recorded`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Send
+from starlette.types import Scope, Send
 
 from edgellm.errors import (
     EdgeLLMError,
@@ -32,6 +36,24 @@ from edgellm.errors import (
 log = logging.getLogger("edgellm.server")
 
 HIDDEN = "internal server error"
+_RECORDED = "edgellm_recorded"
+
+ErrorObserver = Callable[[Scope, EdgeLLMError, bool], None]  # (scope, error, recorded)
+
+
+def mark_recorded(exc: BaseException) -> None:
+    """`exc` ended a request the pipeline has recorded: observers must not count it again."""
+    setattr(exc, _RECORDED, True)
+
+
+def _observe(scope: Scope, exc: EdgeLLMError, cause: BaseException) -> None:
+    app = scope.get("app")
+    observers: list[ErrorObserver] = getattr(getattr(app, "state", None), "error_observers", [])
+    for observer in observers:
+        try:
+            observer(scope, exc, getattr(cause, _RECORDED, False))
+        except Exception:  # counting must never break an answer
+            log.exception("an error observer failed")
 
 
 def shown_message(exc: EdgeLLMError) -> str:
@@ -80,18 +102,23 @@ def error_body(path: str, exc: EdgeLLMError) -> dict[str, Any]:
     return ollama_error(exc) if is_ollama(path) else openai_error(exc)
 
 
-def error_response(path: str, exc: EdgeLLMError, *, logged: bool = False) -> JSONResponse:
-    """The whole answer to a request that failed with `exc` (`logged`: already logged)."""
+def error_response(
+    scope: Scope, exc: EdgeLLMError, *, logged: bool = False, cause: BaseException | None = None
+) -> JSONResponse:
+    """The whole answer to a request that failed with `exc` (`logged`: already logged;
+    `cause`: the exception as raised, when `exc` stands for it)."""
     if not logged:
         _log(exc)
-    body = error_body(path, _answered(exc))
+    _observe(scope, exc, cause or exc)
+    body = error_body(scope.get("path", ""), _answered(exc))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def send_error(path: str, exc: EdgeLLMError, send: Send) -> None:
+async def send_error(scope: Scope, exc: EdgeLLMError, send: Send) -> None:
     """Answer with an error from pure ASGI middleware (before any route ran)."""
     _log(exc)
-    payload = json.dumps(error_body(path, _answered(exc))).encode()
+    _observe(scope, exc, exc)
+    payload = json.dumps(error_body(scope.get("path", ""), _answered(exc))).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
@@ -150,19 +177,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_edgellm(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, EdgeLLMError):  # pragma: no cover - registered for this type
             raise exc
-        return error_response(request.url.path, exc)
+        return error_response(request.scope, exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(request.url.path, from_validation(exc))
+        return error_response(request.scope, from_validation(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(request.url.path, from_http(exc))
+        return error_response(request.scope, from_http(exc))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(request.url.path, EdgeLLMError(HIDDEN), logged=True)
+        return error_response(request.scope, EdgeLLMError(HIDDEN), logged=True, cause=exc)
 
     app.add_exception_handler(EdgeLLMError, on_edgellm)
     app.add_exception_handler(RequestValidationError, on_validation)

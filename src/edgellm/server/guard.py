@@ -108,7 +108,7 @@ class RequestGuard:
         except EdgeLLMError as exc:
             from edgellm.server.errors import error_response
 
-            response = error_response(scope.get("path", ""), exc)
+            response = error_response(scope, exc)
             if isinstance(exc, PayloadTooLarge | RequestTimeout):
                 response.headers["connection"] = "close"
             await response(scope, receive, send)

@@ -1,11 +1,13 @@
 """Prometheus metrics at GET /metrics. Request metrics are fed by the pipeline's final records
-(a record sink: nothing on the engine's step path); engine gauges are read from each engine's
-last published stats when Prometheus scrapes.
+(a record sink: nothing on the engine's step path) and by the error renderer (rejections);
+engine gauges are read from each engine's last published stats when Prometheus scrapes, GPU
+gauges from NVML then (`edgellm.server.gpu`).
 
 Label values come from bounded sets only: `model` is a served model's name or "unknown" (never
-a name a client sent), `api` is openai | ollama | cli, `status` an HTTP status, `finish_reason`
-one of the engine's reasons. docs/operations.md lists every series with its vLLM and
-llama-server counterparts.
+a name a client sent), `version` a served model's version (its weights' SHA-256 prefix) or "",
+`api` is openai | ollama | cli, `status` an HTTP status, `finish_reason` one of the engine's
+reasons, `reason` a rejection reason of `edgellm.errors`. docs/operations.md lists every series
+with its vLLM and llama-server counterparts.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import Scope
 
+from edgellm.errors import EdgeLLMError
+from edgellm.server.gpu import GpuGauges
 from edgellm.server.models import ModelTable
 from edgellm.server.pipeline import Record
 
@@ -35,6 +41,15 @@ TOKEN_LATENCY_BUCKETS = (
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "abort", "error"})
+# the routes whose requests are generation requests: a rejection there that the pipeline never
+# saw (the body did not parse, a middleware refused it) still counts in edgellm_requests_total
+GENERATION_ROUTES = {
+    "/v1/chat/completions": "openai",
+    "/v1/completions": "openai",
+    "/api/chat": "ollama",
+    "/api/generate": "ollama",
+}
+UNKNOWN = "unknown"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -48,13 +63,19 @@ class Metrics:
         self.requests = Counter(
             "edgellm_requests",
             "Generation requests by the HTTP status they got (499: the client went away).",
-            ["model", "api", "status"],
+            ["model", "version", "api", "status"],
             registry=registry,
         )
         self.finished = Counter(
             "edgellm_requests_finished",
             "Generation requests by how they ended.",
-            ["model", "finish_reason"],
+            ["model", "version", "finish_reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "edgellm_requests_rejected",
+            "Requests refused before any work on them (any route), by reason.",
+            ["reason"],
             registry=registry,
         )
         self.prompt_tokens = self._counter("edgellm_prompt_tokens", "Prompt tokens of requests.")
@@ -73,6 +94,16 @@ class Metrics:
             "Mean time per output token after the first, per request.",
             TOKEN_LATENCY_BUCKETS,
         )
+        self.itl = self._histogram(
+            "edgellm_inter_token_latency_seconds",
+            "Time between consecutive output tokens, as the server delivered them.",
+            TOKEN_LATENCY_BUCKETS,
+        )
+        self.queue_time = self._histogram(
+            "edgellm_request_queue_time_seconds",
+            "Submitted to first given a sequence by the scheduler, per request.",
+            LATENCY_BUCKETS,
+        )
         self.e2e = self._histogram(
             "edgellm_e2e_request_latency_seconds",
             "Arrival to the last output, per request.",
@@ -85,34 +116,61 @@ class Metrics:
             "edgellm_request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
         )
         registry.register(_EngineGauges(table))
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu, open fds
+        gpus = GpuGauges.open()
+        if gpus is not None:
+            registry.register(gpus)
 
     def _counter(self, name: str, documentation: str) -> Counter:
-        return Counter(name, documentation, ["model"], registry=self.registry)
+        return Counter(name, documentation, ["model", "version"], registry=self.registry)
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
-        return Histogram(name, documentation, ["model"], registry=self.registry, buckets=buckets)
+        labels = ["model", "version"]
+        return Histogram(name, documentation, labels, registry=self.registry, buckets=buckets)
+
+    def _labels(self, record: Record) -> tuple[str, str]:
+        """(model, version) of a record, from the served set only."""
+        for model in self.table:
+            if model.model_id == record.model:
+                return model.model_id, record.version
+        return UNKNOWN, ""
 
     def observe(self, record: Record) -> None:
-        """The record sink: count one finished generation request."""
-        served = {m.model_id for m in self.table}
-        model = record.model if record.model in served else "unknown"
-        self.requests.labels(model, record.api, str(record.status)).inc()
+        """The record sink: count one generation request that reached the pipeline."""
+        labels = self._labels(record)
+        self.requests.labels(*labels, record.api, str(record.status)).inc()
+        if record.submitted is None:
+            return  # refused before the engine saw it (counted as a rejection too)
         reason = record.finish_reason if record.finish_reason in FINISH_REASONS else "error"
-        self.finished.labels(model, reason).inc()
-        self.prompt_tokens.labels(model).inc(record.prompt_tokens)
-        self.cached_tokens.labels(model).inc(record.cached_tokens)
-        self.generation_tokens.labels(model).inc(record.completion_tokens)
-        if record.error is not None and record.first_output is None:
-            return  # refused or failed before any output: no latency to speak of
-        self.prompt_sizes.labels(model).observe(record.prompt_tokens)
-        self.generation_sizes.labels(model).observe(record.completion_tokens)
+        self.finished.labels(*labels, reason).inc()
+        self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
+        self.cached_tokens.labels(*labels).inc(record.cached_tokens)
+        self.generation_tokens.labels(*labels).inc(record.completion_tokens)
+        if record.queued_s is not None:
+            self.queue_time.labels(*labels).observe(record.queued_s)
+        if record.first_output is None:
+            return  # ended before any output: no latency to speak of
+        self.prompt_sizes.labels(*labels).observe(record.prompt_tokens)
+        self.generation_sizes.labels(*labels).observe(record.completion_tokens)
         if record.ttft_s is not None:
-            self.ttft.labels(model).observe(record.ttft_s)
+            self.ttft.labels(*labels).observe(record.ttft_s)
         if record.e2e_s is not None:
-            self.e2e.labels(model).observe(record.e2e_s)
+            self.e2e.labels(*labels).observe(record.e2e_s)
         if record.ttft_s is not None and record.e2e_s is not None and record.completion_tokens > 1:
             per_token = (record.e2e_s - record.ttft_s) / (record.completion_tokens - 1)
-            self.tpot.labels(model).observe(per_token)
+            self.tpot.labels(*labels).observe(per_token)
+        itl = self.itl.labels(*labels)
+        for gap in record.token_gaps:
+            itl.observe(gap)
+
+    def on_error(self, scope: Scope, exc: EdgeLLMError, recorded: bool) -> None:
+        """The error observer: count a refusal by its reason; a generation request the pipeline
+        never saw also counts in edgellm_requests_total (model unknown)."""
+        if exc.rejection is not None:
+            self.rejected.labels(exc.rejection).inc()
+        api = GENERATION_ROUTES.get(scope.get("path", ""))
+        if api is not None and not recorded:
+            self.requests.labels(UNKNOWN, "", api, str(exc.status_code)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -130,11 +188,16 @@ class _EngineGauges(Collector):
             "1 while the model's engine serves; 0 loading or stopped.",
             labels=["model"],
         )
+        loaded = GaugeMetricFamily(
+            "edgellm_model_loaded",
+            "1 for each version of a model whose weights are loaded and serving.",
+            labels=["model", "version"],
+        )
         running = GaugeMetricFamily(
-            "edgellm_num_requests_running", "Requests decoding now.", labels=["model"]
+            "edgellm_requests_running", "Requests holding a sequence now.", labels=["model"]
         )
         waiting = GaugeMetricFamily(
-            "edgellm_num_requests_waiting", "Requests queued for a slot.", labels=["model"]
+            "edgellm_requests_waiting", "Requests queued for a sequence.", labels=["model"]
         )
         kv = GaugeMetricFamily(
             "edgellm_kv_cache_usage_ratio",
@@ -145,10 +208,12 @@ class _EngineGauges(Collector):
             engine = model.engine
             alive = engine.ready and engine.failure is None and engine.load_error is None
             up.add_metric([model.model_id], 1.0 if alive else 0.0)
+            if alive:
+                loaded.add_metric([model.model_id, model.version], 1.0)
             stats = engine.stats()
             if stats is None:
                 continue
             running.add_metric([model.model_id], stats.running)
             waiting.add_metric([model.model_id], stats.waiting)
             kv.add_metric([model.model_id], stats.cells_used / stats.n_ctx if stats.n_ctx else 0)
-        yield from (up, running, waiting, kv)
+        yield from (up, loaded, running, waiting, kv)

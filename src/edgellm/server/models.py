@@ -56,9 +56,15 @@ class ServedModel:
     reasoning: ReasoningFormat | None = None  # how the model marks its thinking; None: it does not
     created: int = field(default_factory=lambda: int(time.time()))
     make_embedder: Callable[[], Embedder] | None = None  # built on first use
+    version_of: Callable[[], str] = lambda: ""  # the weights' SHA-256 prefix, once loaded
     _embedder: Embedder | None = None
     _user_text: UserText | None = None
     _embed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def version(self) -> str:
+        """Which weights serve this name: its file's SHA-256 prefix ("" until loaded)."""
+        return self.version_of()
 
     async def embed(
         self, request: HttpRequest, texts: list[str], *, truncate: bool, param: str

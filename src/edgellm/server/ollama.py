@@ -47,7 +47,7 @@ from edgellm.server.pipeline import (
     pipeline_of,
     sampling_params,
 )
-from edgellm.server.request_id import request_id_of
+from edgellm.server.request_id import client_of, request_id_of
 from edgellm.server.responses import (
     OllamaChatResponse,
     OllamaDetails,
@@ -230,6 +230,7 @@ def _generation(
         n_ctx=option("num_ctx"),
         prefix=prefix or [],
         request_id=request_id_of(request.scope),
+        client=client_of(request.scope),
     )
 
 

@@ -30,7 +30,7 @@ from edgellm.server.pipeline import (
     pipeline_of,
     sampling_params,
 )
-from edgellm.server.request_id import request_id_of
+from edgellm.server.request_id import client_of, request_id_of
 from edgellm.server.responses import (
     AssistantMessage,
     ChatChoice,
@@ -142,6 +142,7 @@ def _generation(
         body.token_limit,
         stream=body.stream,
         request_id=request_id_of(request.scope),
+        client=client_of(request.scope),
     )
 
 

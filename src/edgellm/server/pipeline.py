@@ -27,6 +27,7 @@ from edgellm.engine import RequestOutput, RequestStream, SamplingParams
 from edgellm.errors import ContextOverflow, EdgeLLMError, EngineError, OutputConstraintError
 from edgellm.reasoning import ReasoningSplitter
 from edgellm.server.disconnect import unless_disconnected
+from edgellm.server.errors import mark_recorded
 from edgellm.server.models import ChatPlan, ModelTable, ServedModel
 from edgellm.structured import json_object_grammar, schema_grammar
 from edgellm.tools import Tool, ToolCall, ToolCallScanner
@@ -88,6 +89,7 @@ class GenerationRequest:
     prefix: list[int] = field(default_factory=list)  # token ids before the input (Ollama's context)
     prefix_param: str = "context"
     request_id: str | None = None  # the client-facing id (X-Request-Id); None: a new one
+    client: str | None = None  # the peer's "host:port", for logs
 
 
 def sampling_params(
@@ -138,6 +140,8 @@ class Record:
     route: str
     model: str  # the served model's name; the requested one until it resolved
     stream: bool
+    version: str = ""  # the served model's version (its file's SHA-256 prefix), once resolved
+    client: str | None = None  # the peer's "host:port"
     started: float = field(default_factory=time.monotonic)  # monotonic seconds: arrived
     created: float = field(default_factory=time.time)  # wall clock, for logs
     submitted: float | None = None  # rendered, tokenized and queued in the engine
@@ -151,6 +155,8 @@ class Record:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     completion_tokens: int = 0
+    queued_s: float | None = None  # submitted to first given a sequence by the scheduler
+    token_gaps: list[float] = field(default_factory=list)  # seconds between output tokens
 
     @property
     def ttft_s(self) -> float | None:
@@ -201,14 +207,18 @@ class Pipeline:
     def __init__(self, models: ModelTable, sinks: Iterable[RecordSink] = ()):
         self.models = models
         self.sinks = list(sinks)
+        self.live: set[Run] = set()  # submitted and not closed yet
+        self._interrupted: Callable[[], EdgeLLMError] | None = None  # set once: refuse new runs
 
     async def start(self, request: GenerationRequest) -> Run:
         """Resolve, render, tokenize and submit; raises the request's error (recorded)."""
         ident = request.request_id or uuid.uuid4().hex
-        record = Record(ident, request.api, request.route, request.model, request.stream)
+        record = Record(
+            ident, request.api, request.route, request.model, request.stream, client=request.client
+        )
         try:
             model = self.models.resolve(request.model)
-            record.model = model.model_id
+            record.model, record.version = model.model_id, model.version
             plan, prompt = await asyncio.to_thread(_prompt, model, request)
             record.prompt_tokens = len(prompt)
             sampling = dataclasses.replace(
@@ -220,12 +230,24 @@ class Pipeline:
                 prompt, sampling, request.max_tokens, param, request.n_ctx
             )
             stream = await _submit(model, engine_request, param)
+            if self._interrupted is not None:  # it was being prepared when the drain ended
+                stream.abort()
+                raise self._interrupted()
         except BaseException as exc:  # recorded however it failed, then raised as it was
             record.ended = time.monotonic()
             self.record_failure(record, exc)
             raise
         record.submitted = time.monotonic()
-        return Run(self, model, plan, stream, record)
+        run = Run(self, model, plan, stream, record)
+        self.live.add(run)
+        return run
+
+    def interrupt(self, error: Callable[[], EdgeLLMError]) -> None:
+        """End every request in flight with `error()` as its last event (a drain that timed
+        out); requests still being prepared get it too, once submitted."""
+        self._interrupted = error
+        for run in self.live:
+            run.stream.interrupt(error())
 
     def record_failure(self, record: Record, exc: BaseException, *, answered: bool = False) -> None:
         """Report a request that ended with `exc`; `answered`: its client already got a 200
@@ -236,6 +258,7 @@ class Pipeline:
             status = exc.status_code if isinstance(exc, EdgeLLMError) else 500
         if not answered:
             record.status = status
+        mark_recorded(exc)
         record.error = type(exc).__name__
         record.error_code = exc.code if isinstance(exc, EdgeLLMError) else None
         record.finish_reason = record.finish_reason or ("abort" if status == 499 else "error")
@@ -311,6 +334,7 @@ class Run:
         self.stream = stream
         self.record = record
         self._closed = False
+        self._last_token: float | None = None  # when the latest output token arrived
 
     @property
     def include_reasoning(self) -> bool:
@@ -371,6 +395,13 @@ class Run:
 
     def _count(self, output: RequestOutput) -> None:
         record = self.record
+        if output.completion_tokens > record.completion_tokens:
+            now = time.monotonic()
+            if self._last_token is not None:
+                record.token_gaps.append(now - self._last_token)
+            self._last_token = now
+        if record.queued_s is None:
+            record.queued_s = output.queued_s
         record.prompt_tokens = output.prompt_tokens
         record.cached_tokens = output.cached_tokens
         record.completion_tokens = output.completion_tokens
@@ -401,6 +432,7 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        self.pipeline.live.discard(self)
         self.stream.abort()
         record = self.record
         if record.ended is None:

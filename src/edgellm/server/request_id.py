@@ -20,6 +20,12 @@ def request_id_of(scope: Scope) -> str:
     return given if isinstance(given, str) else uuid.uuid4().hex
 
 
+def client_of(scope: Scope) -> str | None:
+    """The peer's address as "host:port" (a proxy's, behind one), for logs."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
+
+
 def _chosen(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == HEADER and _SANE.fullmatch(value.strip()):
