@@ -75,11 +75,11 @@ class ScriptedServer:
     model: ServedModel
     records: list[Record] = field(default_factory=list)
 
-    async def chat(self, **body: Any) -> httpx.Response:
+    async def chat(self, *, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
         """POST /v1/chat/completions with a default one-message body and `body` merged in."""
         messages = [{"role": "user", "content": "hi"}]
         payload = {"model": MODEL, "messages": messages, "max_tokens": 4, **body}
-        return await self.client.post("/v1/chat/completions", json=payload)
+        return await self.client.post("/v1/chat/completions", json=payload, headers=headers)
 
 
 @functools.cache

@@ -32,8 +32,17 @@ async def _scrape(srv: ScriptedServer) -> Samples:
 def _value(samples: Samples, name: str, **labels: str) -> float:
     """The sample of `name` with exactly these labels (the served model's version added to
     per-model series of the served model)."""
-    if labels.get("model") == MODEL and "version" not in labels and not name.startswith(
-        ("edgellm_engine_up", "edgellm_requests_running", "edgellm_requests_waiting", "edgellm_kv")
+    if (
+        labels.get("model") == MODEL
+        and "version" not in labels
+        and not name.startswith(
+            (
+                "edgellm_engine_up",
+                "edgellm_requests_running",
+                "edgellm_requests_waiting",
+                "edgellm_kv",
+            )
+        )
     ):
         labels = {**labels, "version": VERSION}
     return samples[name].get(tuple(sorted(labels.items())), 0.0)

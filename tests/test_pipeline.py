@@ -50,7 +50,13 @@ async def test_failed_requests_are_recorded_with_their_status() -> None:
         assert (await srv.chat()).status_code == 500
         wire = await srv.client.post(CHAT, json={"model": MODEL})  # refused before the pipeline
         assert wire.status_code == 400
-    overflow, broken = srv.records  # refused before the pipeline: no record
+    unknown, overflow, broken, refused = srv.records
+    # refused before the pipeline (by the route, by the wire model): recorded all the same,
+    # with the model unknown and nothing submitted
+    for record, status in ((unknown, 404), (refused, 400)):
+        assert (record.status, record.model, record.submitted) == (status, "", None)
+        assert record.api == "openai" and record.route == CHAT and record.request_id
+    assert unknown.error_code == "model_not_found"
     assert (overflow.status, overflow.error_code) == (400, "context_length_exceeded")
     assert overflow.prompt_tokens > 512  # the prompt it refused, counted
     assert (broken.status, broken.error, broken.finish_reason) == (500, "EngineError", "error")
@@ -177,7 +183,9 @@ async def test_clients_may_reuse_a_request_id() -> None:
     assert [r.request_id for r in srv.records] == ["same"] * 3
 
 
-async def test_a_dead_engine_fails_everyone_fast_and_says_so() -> None:
+async def test_a_dead_engine_fails_everyone_fast_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A backend step that raises kills the engine: every request in flight ends with an
     error at once, /health and /ready answer 503 with the reason, and later requests on
     either API are refused at once (503, engine_down) instead of hanging."""
@@ -207,3 +215,6 @@ async def test_a_dead_engine_fails_everyone_fast_and_says_so() -> None:
     assert ollama.status_code == 503 and "engine stopped" in ollama.json()["error"]
     assert "the backend broke" not in health.text + later.text  # the log has it, not clients
     assert [r.error for r in srv.records].count("EngineError") == 4
+    # the server's log has the cause once, with its traceback
+    tracebacks = [r for r in caplog.records if r.exc_info and "backend broke" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]

@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -41,14 +42,6 @@ TOKEN_LATENCY_BUCKETS = (
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "abort", "error"})
-# the routes whose requests are generation requests: a rejection there that the pipeline never
-# saw (the body did not parse, a middleware refused it) still counts in edgellm_requests_total
-GENERATION_ROUTES = {
-    "/v1/chat/completions": "openai",
-    "/v1/completions": "openai",
-    "/api/chat": "ollama",
-    "/api/generate": "ollama",
-}
 UNKNOWN = "unknown"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -59,6 +52,7 @@ class Metrics:
 
     def __init__(self, table: ModelTable):
         self.table = table
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: noise to dashboards, 2x the samples
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "edgellm_requests",
@@ -164,13 +158,9 @@ class Metrics:
             itl.observe(gap)
 
     def on_error(self, scope: Scope, exc: EdgeLLMError, recorded: bool) -> None:
-        """The error observer: count a refusal by its reason; a generation request the pipeline
-        never saw also counts in edgellm_requests_total (model unknown)."""
+        """The error observer: count a refusal (of any route) by its reason."""
         if exc.rejection is not None:
             self.rejected.labels(exc.rejection).inc()
-        api = GENERATION_ROUTES.get(scope.get("path", ""))
-        if api is not None and not recorded:
-            self.requests.labels(UNKNOWN, "", api, str(exc.status_code)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

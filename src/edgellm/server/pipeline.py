@@ -35,6 +35,14 @@ from edgellm.tools import Tool, ToolCall, ToolCallScanner
 log = logging.getLogger("edgellm.server")
 
 Api = Literal["openai", "ollama", "cli"]
+# the HTTP routes of generation requests: one the pipeline never saw (its body did not parse, a
+# middleware refused it) is still recorded, by `Pipeline.refused`
+GENERATION_ROUTES: dict[str, Api] = {
+    "/v1/chat/completions": "openai",
+    "/v1/completions": "openai",
+    "/api/chat": "ollama",
+    "/api/generate": "ollama",
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -157,6 +165,8 @@ class Record:
     completion_tokens: int = 0
     queued_s: float | None = None  # submitted to first given a sequence by the scheduler
     token_gaps: list[float] = field(default_factory=list)  # seconds between output tokens
+    prompt: Any = None  # the messages or prompt as given; only when the pipeline keeps text
+    output: str | None = None  # the text generated (reasoning first); only when kept
 
     @property
     def ttft_s(self) -> float | None:
@@ -204,9 +214,12 @@ class Collected:
 class Pipeline:
     """Runs generation requests against the models of a table, reporting each one's record."""
 
-    def __init__(self, models: ModelTable, sinks: Iterable[RecordSink] = ()):
+    def __init__(
+        self, models: ModelTable, sinks: Iterable[RecordSink] = (), *, keep_text: bool = False
+    ):
         self.models = models
         self.sinks = list(sinks)
+        self.keep_text = keep_text  # records carry the prompt and output (--log-prompts)
         self.live: set[Run] = set()  # submitted and not closed yet
         self._interrupted: Callable[[], EdgeLLMError] | None = None  # set once: refuse new runs
 
@@ -216,6 +229,10 @@ class Pipeline:
         record = Record(
             ident, request.api, request.route, request.model, request.stream, client=request.client
         )
+        if self.keep_text:
+            given = request.input
+            record.prompt = given.messages if isinstance(given, ChatInput) else given.prompt
+            record.output = ""
         try:
             model = self.models.resolve(request.model)
             record.model, record.version = model.model_id, model.version
@@ -248,6 +265,15 @@ class Pipeline:
         self._interrupted = error
         for run in self.live:
             run.stream.interrupt(error())
+
+    def refused(
+        self, route: str, exc: EdgeLLMError, request_id: str, client: str | None = None
+    ) -> None:
+        """Record a generation request refused before it reached the pipeline (`route` one of
+        GENERATION_ROUTES): its model is unknown, its body having been refused."""
+        record = Record(request_id, GENERATION_ROUTES[route], route, "", False, client=client)
+        record.ended = record.started
+        self.record_failure(record, exc)
 
     def record_failure(self, record: Record, exc: BaseException, *, answered: bool = False) -> None:
         """Report a request that ended with `exc`; `answered`: its client already got a 200
@@ -381,6 +407,8 @@ class Run:
                 if plan is not None and not plan.include_reasoning:
                     reasoning = ""
                 if reasoning or content:
+                    if record.output is not None:
+                        record.output += reasoning + content
                     yield Piece(reasoning, content)
                 if output.finished:
                     calls = scanner.calls if scanner is not None else []
