@@ -67,10 +67,11 @@ def llama_server_binary() -> str:
 def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     common = {"threads": str(args.threads), "ctx": str(args.ctx), "np": str(args.parallel)}
-    if name in ("edgellm", "edgellm-nocache", "edgellm-baseline"):
+    if name in ("edgellm", "edgellm-nocache", "edgellm-nometrics", "edgellm-baseline"):
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
         argv += ["--no-prefix-cache"] if name == "edgellm-nocache" else []
+        argv += ["--no-metrics"] if name == "edgellm-nometrics" else []
         argv += shlex.split(args.edgellm_args)
         env = None
         if name == "edgellm-baseline":  # another checkout's code on the same interpreter
