@@ -16,6 +16,7 @@
     ├── QueueFull                     503  carries Retry-After seconds
     ├── NotReady                      503  model still loading
     ├── Draining                      503  shutting down: no new requests; carries Retry-After
+    │   └── DrainTimeout              503  cut off when the drain's timeout passed
     ├── ModelFileError                -    a model file that must not reach llama.cpp (CLI)
     └── EngineError                   500  internal; the message is ours, shown in streams
         └── EngineDown                503  the engine stopped; restart the process
@@ -183,12 +184,18 @@ class Draining(_TryLater):
     running with this error when its drain timeout passes. Retry elsewhere, or here once it
     has restarted."""
 
-    rejection = "draining"
+    rejection: str | None = "draining"
     status_code = 503
     error_type = "server_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message, retry_after_s=retry_after_s, code="draining")
+
+
+class DrainTimeout(Draining):
+    """A request the drain cut off when its timeout passed: a failure, not a refusal."""
+
+    rejection: str | None = None
 
 
 class NotReady(EdgeLLMError):

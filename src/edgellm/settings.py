@@ -170,7 +170,17 @@ class ServerSettings(_LayerSettings):
         json_schema_extra={"shown_default": "the rest of the context"},
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
-        "info", description="uvicorn's log level."
+        "info", description="Log level of the server and uvicorn."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text or as JSON objects (one per line: each finished "
+        "request, uvicorn's access lines and every other message).",
+    )
+    log_prompts: bool = Field(
+        False,
+        description="Put each request's prompt and output text in its log line (off: counts "
+        "and timings only).",
     )
     reasoning: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -206,12 +216,20 @@ class ServerSettings(_LayerSettings):
     max_connections: int = Field(
         512, ge=1, le=1 << 20, description="Open connections at most; beyond it: refused."
     )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds requests in flight have to finish after the first Ctrl-C or "
+        "SIGTERM (new ones get 503, /ready 503); then they end with an error and the server "
+        "exits.",
+    )
     shutdown_timeout: int = Field(
         5,
         ge=0,
         le=3600,
-        description="Seconds open requests have to finish after Ctrl-C or SIGTERM; then they "
-        "are cancelled.",
+        description="Seconds open connections have to close after the drain; then they are "
+        "cancelled.",
     )
     metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
 

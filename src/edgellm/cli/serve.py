@@ -55,6 +55,7 @@ def serve(
     from edgellm.server import create_app
     from edgellm.server.app import is_loopback
     from edgellm.server.connections import raise_open_files_limit
+    from edgellm.server.logs import configure as configure_logging
     from edgellm.serving import prepare_model
 
     if not is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
@@ -63,7 +64,7 @@ def serve(
             "bind 127.0.0.1, set --api-key, or pass --insecure"
         )
     model = prepare_model(server_settings, engine_settings)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(server_settings.log_format, server_settings.log_level)
     app_ = create_app(server_settings, [model])
     raise_open_files_limit()
     uv = _uvicorn(app_, server_settings)
@@ -73,6 +74,10 @@ def serve(
         model.engine.wait_loaded()
         if model.engine.load_error is not None:
             uv.should_exit = True
+        elif server_settings.log_format == "json":  # every line of the log parses
+            logging.getLogger("edgellm.server").info(
+                "serving %s (version %s) at %s", model.model_id, model.version, base
+            )
         else:
             err.print(f"edgellm: serving [bold]{model.model_id}[/bold] at {base}")
 
@@ -90,18 +95,22 @@ def _uvicorn(app: Any, settings: ServerSettings) -> Any:
     import uvicorn
 
     from edgellm.server.connections import uvicorn_options
+    from edgellm.server.process import DrainingServer
 
-    return uvicorn.Server(
+    return DrainingServer(
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
+            log_config=None,  # keep the handlers of edgellm.server.logs.configure
             timeout_graceful_shutdown=settings.shutdown_timeout,
             **uvicorn_options(
                 header_timeout_s=settings.header_timeout,
                 keep_alive_s=settings.keep_alive,
                 max_connections=settings.max_connections,
             ),
-        )
+        ),
+        drain=app.state.drain,
+        drain_timeout_s=settings.drain_timeout,
     )

@@ -11,19 +11,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Scope
 
 from edgellm import __version__
 from edgellm.engine.engine import describe
+from edgellm.errors import EdgeLLMError
 from edgellm.server.auth import ApiKeyAuth
+from edgellm.server.drain import Drain, DrainGate
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.guard import GuardPolicy, RequestGuard
+from edgellm.server.logs import RequestLog
 from edgellm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgellm.server.metrics import Metrics
 from edgellm.server.models import ModelTable, ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
-from edgellm.server.pipeline import Pipeline, RecordSink
-from edgellm.server.request_id import RequestIds
+from edgellm.server.pipeline import GENERATION_ROUTES, Pipeline, RecordSink
+from edgellm.server.request_id import RequestIds, client_of, request_id_of
 from edgellm.server.responses import describe_errors
 from edgellm.settings import ServerSettings
 
@@ -60,7 +64,17 @@ def create_app(
             return Response(metrics.exposition(), media_type=METRICS_TYPE)
 
         app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False)
-    app.state.pipeline = Pipeline(table, sinks)
+    sinks = [RequestLog(with_text=settings.log_prompts), *sinks]
+    app.state.pipeline = pipeline = Pipeline(table, sinks, keep_text=settings.log_prompts)
+
+    def record_refusal(scope: Scope, exc: EdgeLLMError, recorded: bool) -> None:
+        """Generation requests refused before the pipeline get their record too."""
+        path = scope.get("path", "")
+        if path in GENERATION_ROUTES and not recorded:
+            pipeline.refused(path, exc, request_id_of(scope), client_of(scope))
+
+    app.state.error_observers.append(record_refusal)
+    app.state.drain = Drain(app.state.pipeline)
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ollama_router)
@@ -94,8 +108,10 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def ready(request: Request) -> JSONResponse:
-    """200 once every model is loaded, with engine stats; 503 while loading or failed."""
+    """200 once every model is loaded, with engine stats; 503 while loading, failed or
+    draining (shutting down)."""
     body: dict[str, Any] = {"models": {}}
+    drain: Drain = request.app.state.drain
     status = "ready"
     for model in models_of(request):
         engine = model.engine
@@ -108,13 +124,16 @@ async def ready(request: Request) -> JSONResponse:
             body["models"][model.model_id] = {"status": "loading"}
         else:
             body["models"][model.model_id] = {"status": "ready", **describe(engine.stats())}
+    if drain.draining:
+        status, body["in_flight"] = "draining", drain.in_flight
     body["status"] = status
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
 def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
-    """Outermost last: request ids, the guard, then CORS (preflights carry no key), then the
-    key check."""
+    """Outermost last: request ids, the guard, then CORS (preflights carry no key), the key
+    check, then the drain gate."""
+    app.add_middleware(DrainGate, drain=app.state.drain)
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     if settings.allowed_origins:
