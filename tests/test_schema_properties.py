@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgellm.backends.llama_cpp.grammar import SandboxPool, SandboxSpec
+from edgellm.backends.llama_cpp.grammar import Sandbox, SandboxPool, SandboxSpec
 from edgellm.errors import ValidationError
 from edgellm.modelfile import default_model_path
 from edgellm.structured import LIMITS, schema_grammar
@@ -157,3 +157,15 @@ def test_a_constrained_generation_ends(srv: ServerProcess, schema: dict[str, Any
     if choice["finish_reason"] == "stop":  # oneOf is enforced as anyOf (docs/security.md)
         as_any = json.loads(json.dumps(schema).replace('"oneOf"', '"anyOf"'))
         jsonschema.validate(json.loads(choice["message"]["content"]), as_any)
+
+
+def test_a_sandbox_runs_in_its_own_session() -> None:
+    """A terminal's Ctrl-C goes to the whole foreground process group: a sandbox in the
+    server's group would die with it while the server drains its requests."""
+    spec = SandboxSpec(default_model_path(), 49152, 1 << 20, 1 << 30)
+    sandbox = Sandbox(spec)
+    try:
+        pid = sandbox._proc.pid
+        assert os.getsid(pid) == pid != os.getsid(0)
+    finally:
+        sandbox.kill()

@@ -163,7 +163,17 @@ class Metrics:
             self.rejected.labels(exc.rejection).inc()
 
     def exposition(self) -> bytes:
+        self._zero_failures()
         return generate_latest(self.registry)
+
+    def _zero_failures(self) -> None:
+        """Make the failure series of each loaded model exist at 0, so that its first failure
+        is an increase `rate()` sees (a series born at 1 is not) and alerts fire on it."""
+        for model in self.table:
+            if model.engine.ready:
+                for api in ("openai", "ollama"):
+                    for status in ("500", "503"):
+                        self.requests.labels(model.model_id, model.version, api, status)
 
 
 class _EngineGauges(Collector):

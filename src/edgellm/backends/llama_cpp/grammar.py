@@ -88,6 +88,10 @@ class Sandbox:
                 stderr=subprocess.DEVNULL,  # llama.cpp's parser prints there; we log deaths
                 pass_fds=(fd,),
                 bufsize=0,
+                # its own session: a terminal's Ctrl-C (or a signal to the server's process
+                # group) must not kill sandboxes the server still needs while it drains; the
+                # worker ends on its own when its stdin closes with the server
+                start_new_session=True,
             )
         finally:
             os.close(fd)  # the mapping and the child keep it alive
