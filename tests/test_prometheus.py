@@ -296,6 +296,13 @@ def _concrete(expr: str, values: dict[str, str]) -> str:
     return concrete
 
 
+# the series of the histograms the latency rules read
+LATENCY_COUNTS = (
+    "edgellm_e2e_request_latency_seconds_count",
+    "edgellm_time_to_first_token_seconds_count",
+)
+
+
 @pytest.mark.model
 def test_real_prometheus_scrapes_edgellm_and_evaluates_every_expression() -> None:
     server = ServerProcess("--ctx", "512", "--parallel", "2")
@@ -303,15 +310,18 @@ def test_real_prometheus_scrapes_edgellm_and_evaluates_every_expression() -> Non
         target = f"127.0.0.1:{server.port}"
         with gpu_exporter() as gpu_box, prometheus_scraping(target, gpu_box) as prom:
             ok = _send_traffic(server)
-            ended = time.time()
             exported = _exported_names(server)
             labels = f'job="{JOB}", model="{MODEL_ID}", api="openai", status="200"'
             requests = f"edgellm_requests_total{{{labels}}}"
             _wait(lambda: _value(prom, f"sum({requests})") == ok, 15, "no scrape of the traffic")
-            # rate() and increase() want two samples of a series: two scrapes after the traffic
-            # (scrapes are 1 s apart, so one that began 1 s after it ended is the second)
-            last_scrape = f'min(timestamp(up{{job="{JOB}"}}))'
-            _wait(lambda: (_value(prom, last_scrape) or 0) > ended + 1, 10, "too few scrapes")
+            # rate() and increase() want two samples of a series after the traffic. Scrapes
+            # are 1 s apart, but one that times out (a busy 2-core box) stores none: wait for
+            # two samples of every series the latency rules and panels read
+            for name in ("edgellm_requests_total", *LATENCY_COUNTS):
+                samples = f'min(count_over_time({name}{{job="{JOB}"}}[5m]))'
+                _wait(
+                    lambda q=samples: (_value(prom, q) or 0) >= 2, 30, f"too few scrapes: {samples}"
+                )
             assert _value(prom, f'up{{job="{JOB}", instance="{target}"}}') == 1
             series = _query(prom, requests)
             assert {s["metric"]["instance"] for s in series} == {target}
