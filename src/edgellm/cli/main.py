@@ -7,7 +7,7 @@ import sys
 import typer
 
 from edgellm import __version__
-from edgellm.cli import bench, chat_command, compress, plan, serve
+from edgellm.cli import bench, chat_command, compress, keys_command, plan, serve
 
 app = typer.Typer(
     name="edgellm",
@@ -40,6 +40,7 @@ app.command()(compress.convert)
 app.command()(compress.quantize)
 app.command(name="eval")(compress.evaluate)
 app.command()(plan.plan)
+app.add_typer(keys_command.app)
 
 
 def main() -> None:
