@@ -261,3 +261,32 @@ def test_a_request_waits_only_for_a_prefix_worth_it() -> None:
         engine.add_request(r)
     engine.step()
     assert all(r.status.name == "RUNNING" for r in requests)  # both admitted in one step
+
+
+def test_one_scope_never_reuses_another_scopes_cells() -> None:
+    """An API key must not learn from cached_tokens that another key sent a prompt."""
+    engine, runner = make_engine(cache=True)
+    a = greedy("a", [*SYSTEM, 5, 6])
+    a.cache_scope = "key-a"
+    run(engine, [a])
+    b = greedy("b", [*SYSTEM, 7, 8])
+    b.cache_scope = "key-b"
+    run(engine, [b])
+    assert b.num_cached_tokens == 0
+    assert not any(op.copy_from is not None for batch in runner.batches for op in batch.kv_ops)
+    a2 = greedy("a2", [*SYSTEM, 9, 9])
+    a2.cache_scope = "key-a"
+    run(engine, [a2])
+    assert a2.num_cached_tokens == len(SYSTEM)  # its own key's cells still serve it
+
+
+def test_a_scope_does_not_wait_for_another_scopes_prefix() -> None:
+    engine, _ = make_engine(cache=True, batch=16)
+    long = [*SYSTEM, *SYSTEM]
+    first = greedy("a", [*long, 1])
+    first.cache_scope = "key-a"
+    engine.add_request(first)
+    engine.step()  # a's prompt is being computed
+    cache, resident = engine.scheduler.cache, {first.seq_id: first.num_computed}
+    assert cache.pending([*long, 2], resident, "key-a") > WAIT_FOR  # its own key would wait
+    assert cache.pending([*long, 2], resident, "key-b") == 0  # another key computes its own

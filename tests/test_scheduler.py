@@ -208,3 +208,39 @@ def test_finished_request_status_is_terminal() -> None:
     run_all(engine)
     assert r.status is RequestStatus.FINISHED_LENGTH
     assert r.seq_id is None
+
+
+def keyed(rid: str, tenant: str, max_tokens: int = 4) -> Request:
+    request = req(rid, 4, max_tokens)
+    request.tenant = tenant
+    return request
+
+
+def test_one_tenants_burst_leaves_room_in_the_queue_for_others() -> None:
+    engine, _ = make_engine(running=1, queue=8)
+    engine.add_request(keyed("a0", "a"))
+    engine.step()  # a0 runs
+    for i in range(1, 7):  # three quarters of the queue
+        engine.add_request(keyed(f"a{i}", "a"))
+    with pytest.raises(QueueFull):
+        engine.add_request(keyed("a7", "a"))
+    engine.add_request(keyed("b0", "b"))  # the rest is the others'
+    anonymous = req("n0", 4, 4)
+    engine.add_request(anonymous)  # no tenant: only the whole queue bounds it
+
+
+def test_a_waiting_tenant_with_nothing_running_goes_first() -> None:
+    engine, _ = make_engine(running=2, queue=16)
+    for i in range(6):
+        engine.add_request(keyed(f"a{i}", "a", max_tokens=3))
+    engine.add_request(keyed("b0", "b", max_tokens=3))
+    order: list[str] = []
+    for _ in range(200):
+        if not engine.has_work():
+            break
+        engine.step()
+        for r in engine.scheduler.running:
+            if r.request_id not in order:
+                order.append(r.request_id)
+    # a0 takes the first sequence; the second goes to b, which has none, before a's others
+    assert order[:3] == ["a0", "b0", "a1"]

@@ -69,6 +69,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens resident while free, by position
     last_used: int = -1  # release tick, for LRU; -1: never used
     owner: Request | None = None  # the running request holding this sequence
+    scope: str | None = None  # the cache scope of `cached` (its last owner's)
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,10 +95,15 @@ class PrefixCache:
         return any(s.owner is None for s in self.slots)
 
     def place(
-        self, tokens: Sequence[int], running_resident: Mapping[int, int], copy: bool = True
+        self,
+        tokens: Sequence[int],
+        running_resident: Mapping[int, int],
+        copy: bool = True,
+        scope: str | None = None,
     ) -> Placement | None:
         """Choose a free slot for `tokens`; None when every slot is running. `copy=False` only
-        reuses a slot's own cache (a copy's cells count twice in a shared pool).
+        reuses a slot's own cache (a copy's cells count twice in a shared pool). Only cells of
+        the same `scope` are reused (one API key never gets another's prompt from the cache).
 
         `running_resident` maps the seq_id of each running slot to the tokens whose cells will
         exist before this step's batch is decoded (the batch's own cells cannot be copied yet).
@@ -108,11 +114,16 @@ class PrefixCache:
         if not self.enabled:
             return Placement(min(free, key=lambda s: s.seq_id), keep=0)
         limit = max(0, len(tokens) - MIN_COMPUTED)
-        own = {s.seq_id: min(common_prefix(tokens, s.cached), limit) for s in free}
+        own = {
+            s.seq_id: min(common_prefix(tokens, s.cached), limit) if s.scope == scope else 0
+            for s in free
+        }
         source, best = None, 0
         for s in self.slots:
             if s.owner is None:
                 match = own[s.seq_id]
+            elif s.owner.cache_scope != scope:
+                continue
             elif s.seq_id in running_resident:
                 resident = running_resident[s.seq_id]
                 match = min(common_prefix(tokens, s.owner.all_tokens[:resident]), limit)
@@ -132,13 +143,17 @@ class PrefixCache:
             return Placement(target, keep=own[target.seq_id])
         return Placement(target, keep=best, copy_from=source)
 
-    def pending(self, tokens: Sequence[int], running_resident: Mapping[int, int]) -> int:
-        """The longest prefix of `tokens` that a running request is still computing: the
-        length it will be resident at once that request's prompt is done; 0 if none."""
+    def pending(
+        self, tokens: Sequence[int], running_resident: Mapping[int, int], scope: str | None = None
+    ) -> int:
+        """The longest prefix of `tokens` that a running request of `scope` is still
+        computing: the length it will be resident at once that request's prompt is done."""
         limit = max(0, len(tokens) - MIN_COMPUTED)
         longest = 0
         for s in self.slots:
             if s.owner is None or s.seq_id not in running_resident:
+                continue
+            if s.owner.cache_scope != scope:
                 continue
             match = min(common_prefix(tokens, s.owner.prompt_tokens), limit)
             if running_resident[s.seq_id] < match:
@@ -158,6 +173,7 @@ class PrefixCache:
         self.cells_evicted += len(slot.cached) - (0 if placement.copy_from else placement.keep)
         slot.cached = []
         slot.owner = request
+        slot.scope = request.cache_scope
         return ops
 
     def release(self, slot: Slot, resident: list[int]) -> list[KvOp]:

@@ -66,6 +66,8 @@ class Request:
     prompt_tokens: list[int]  # [P] token ids of the rendered prompt
     sampling: SamplingParams
     arrival_time: float = 0.0  # monotonic seconds, for FCFS order and latency stats
+    tenant: str | None = None  # who asks (an API key's name), for fair queueing; None: anyone
+    cache_scope: str | None = None  # prefix-cache partition: reuse only cells of the same scope
     status: RequestStatus = RequestStatus.WAITING
     output_tokens: list[int] = field(default_factory=list)  # [G] sampled so far
     seq_id: int | None = None  # KV sequence while RUNNING, else None

@@ -26,13 +26,19 @@ A chunk samples a token exactly when it ends at the request's last known token.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from edgellm.engine.prefix_cache import WAIT_FOR, Placement, PrefixCache
 from edgellm.engine.request import Request, RequestStatus
 from edgellm.engine.runner import KvOp, ScheduledChunk, SchedulerOutput
 from edgellm.errors import ContextOverflow, QueueFull
+
+
+def tenant_share(max_queue: int) -> int:
+    """Waiting places one tenant (API key) may hold: three quarters of the queue, so a burst
+    from one key leaves room for the others' requests."""
+    return max(1, max_queue * 3 // 4)
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,11 +107,36 @@ class Scheduler:
         free_slots = self.config.max_running - len(self.running)
         if len(self.waiting) - free_slots >= self.config.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again shortly")
+        tenant = request.tenant
+        if tenant is not None:
+            mine = sum(1 for r in self.waiting if r.tenant == tenant)
+            if mine - free_slots >= tenant_share(self.config.max_queue):
+                raise QueueFull(
+                    f"this key has {mine} requests waiting, its share of the queue; "
+                    "try again shortly"
+                )
         if request.request_id in self._by_id:
             raise ValueError(f"duplicate request id {request.request_id}")
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self._by_id[request.request_id] = request
+
+    def _next_waiting(self) -> Request:
+        """The waiting request to admit next, moved to the queue's head: the oldest, unless
+        it belongs to a tenant (an API key) while others wait too: then the oldest of the
+        tenant with the fewest requests running, so one key's burst cannot hold every
+        sequence. A preempted request, or one waiting for a shared prefix, keeps its turn."""
+        head = self.waiting[0]
+        if head.tenant is None or head.num_preemptions or len(self.waiting) == 1:
+            return head
+        running = Counter(r.tenant for r in self.running)
+        chosen = min(enumerate(self.waiting), key=lambda item: (running[item[1].tenant], item[0]))[
+            1
+        ]
+        if chosen is not head:
+            self.waiting.remove(chosen)
+            self.waiting.appendleft(chosen)
+        return chosen
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
@@ -191,12 +222,15 @@ class Scheduler:
             chunks.append(self._chunk(request, n))
             budget -= n
         while self.waiting and budget > 0:
-            request = self.waiting[0]
-            placement = self.cache.place(request.all_tokens, self._resident)
+            request = self._next_waiting()
+            scope = request.cache_scope
+            placement = self.cache.place(request.all_tokens, self._resident, scope=scope)
             if placement is not None and not self._room_to_admit(request, placement):
                 # a copied prefix counts twice in a shared pool and spares its source: try
                 # the placement that evicts anything but its own slot
-                placement = self.cache.place(request.all_tokens, self._resident, copy=False)
+                placement = self.cache.place(
+                    request.all_tokens, self._resident, copy=False, scope=scope
+                )
                 if placement is not None and not self._room_to_admit(request, placement):
                     placement = None
             if placement is None or self._should_wait(request, placement):
@@ -233,7 +267,7 @@ class Scheduler:
         """True when a running request is computing a longer shared prefix (prefix_cache.py)."""
         if not self.config.prefix_cache:
             return False
-        pending = self.cache.pending(request.all_tokens, self._resident)
+        pending = self.cache.pending(request.all_tokens, self._resident, request.cache_scope)
         return pending - placement.keep >= WAIT_FOR
 
     def _room_to_admit(self, request: Request, placement: Placement) -> bool:
