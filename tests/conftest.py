@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,9 +38,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+    ):
+        """`tls`: the server serves HTTPS (args carry --tls-cert/--tls-key); this context,
+        trusting its CA, is what the fixture's own requests verify it with."""
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = tls or True
         env = {
             **os.environ,
             "EDGELLM_THREADS": os.environ.get("EDGELLM_THREADS", "2"),
@@ -58,7 +64,10 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.output()}")
             try:
-                if httpx.get(self.base + "/ready", timeout=1).status_code == 200:
+                if (
+                    httpx.get(self.base + "/ready", timeout=1, verify=self.verify).status_code
+                    == 200
+                ):
                     return
             except httpx.HTTPError:
                 pass
@@ -71,7 +80,7 @@ class ServerProcess:
         return self.log.read()
 
     def stats(self) -> dict[str, int]:
-        body = httpx.get(self.base + "/ready", timeout=5).json()
+        body = httpx.get(self.base + "/ready", timeout=5, verify=self.verify).json()
         return dict(next(iter(body["models"].values())))
 
     def stop(self) -> None:

@@ -36,6 +36,8 @@ OTHER: dict[str, Any] = {
     "log_prompts": True,
     "reasoning": "off",
     "api_key": "sk-test",
+    "tls_cert": Path("/etc/edgellm/server.pem"),
+    "tls_key": Path("/etc/edgellm/server-key.pem"),
     "allowed_origins": ["https://a.example", "https://b.example"],
     "allowed_hosts": ["box.lan"],
     "header_timeout": 1.5,

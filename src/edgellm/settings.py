@@ -192,6 +192,17 @@ class ServerSettings(_LayerSettings):
         "X-Api-Key: KEY).",
         json_schema_extra={"shown_default": "none"},
     )
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain) to serve HTTPS with; needs --tls-key. TLS 1.2 at "
+        "least, 1.3 when the client has it (`edgellm tls self-signed` makes a lab one).",
+        json_schema_extra={"shown_default": "none: plain HTTP"},
+    )
+    tls_key: Path | None = Field(
+        None,
+        description="PEM private key of --tls-cert, unencrypted (keep it 0600).",
+        json_schema_extra={"shown_default": "none"},
+    )
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Web origins (https://app.example) whose pages may call the API, comma-"

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from edgellm import __version__
-from edgellm.cli import bench, chat_command, compress, keys_command, plan, serve
+from edgellm.cli import bench, chat_command, compress, keys_command, plan, serve, tls_command
 
 app = typer.Typer(
     name="edgellm",
@@ -41,6 +41,7 @@ app.command()(compress.quantize)
 app.command(name="eval")(compress.evaluate)
 app.command()(plan.plan)
 app.add_typer(keys_command.app)
+app.add_typer(tls_command.app)
 
 
 def main() -> None:

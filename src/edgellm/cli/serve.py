@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import ssl
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,7 @@ def serve(
     from edgellm.server.app import is_loopback
     from edgellm.server.connections import raise_open_files_limit
     from edgellm.server.logs import configure as configure_logging
+    from edgellm.server.tls import server_context, warn_if_key_readable
     from edgellm.serving import prepare_model
 
     if not is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
@@ -63,12 +65,15 @@ def serve(
             f"refusing to bind {server_settings.host} without API keys; "
             "bind 127.0.0.1, set --api-key, or pass --insecure"
         )
+    tls = server_context(server_settings.tls_cert, server_settings.tls_key)  # checked first
     model = prepare_model(server_settings, engine_settings)
     configure_logging(server_settings.log_format, server_settings.log_level)
+    warn_if_key_readable(server_settings.tls_key)
     app_ = create_app(server_settings, [model])
     raise_open_files_limit()
-    uv = _uvicorn(app_, server_settings)
-    base = f"http://{server_settings.host}:{server_settings.port}/v1"
+    uv = _uvicorn(app_, server_settings, tls)
+    scheme = "https" if tls else "http"
+    base = f"{scheme}://{server_settings.host}:{server_settings.port}/v1"
 
     def announce() -> None:
         model.engine.wait_loaded()
@@ -90,10 +95,12 @@ def serve(
         raise typer.Exit(1)
 
 
-def _uvicorn(app: Any, settings: ServerSettings) -> Any:
-    """The uvicorn server for `app`, with the connection limits of `settings`."""
+def _uvicorn(app: Any, settings: ServerSettings, tls: ssl.SSLContext | None) -> Any:
+    """The uvicorn server for `app`, with the connection limits of `settings`, over `tls`
+    (None: plain HTTP)."""
     import uvicorn
 
+    from edgellm.server import tls as server_tls
     from edgellm.server.connections import uvicorn_options
     from edgellm.server.process import DrainingServer
 
@@ -110,6 +117,7 @@ def _uvicorn(app: Any, settings: ServerSettings) -> Any:
                 keep_alive_s=settings.keep_alive,
                 max_connections=settings.max_connections,
             ),
+            **server_tls.uvicorn_options(tls),
         ),
         drain=app.state.drain,
         drain_timeout_s=settings.drain_timeout,
