@@ -26,6 +26,7 @@ from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Engine, RunnerOutput, SchedulerConfig, SchedulerOutput
 from edgellm.modelfile import ModelInfo, default_model_path, inspect_gguf
 from edgellm.server import create_app
+from edgellm.server.keys import KeyStore
 from edgellm.server.models import ServedModel
 from edgellm.server.pipeline import Record, RecordSink
 from edgellm.settings import ServerSettings
@@ -119,13 +120,17 @@ async def scripted_server(
     *,
     runner: TextRunner | None = None,
     sinks: Iterable[RecordSink] = (),
+    keys: KeyStore | None = None,
     **model_options: Any,
 ) -> AsyncIterator[ScriptedServer]:
-    """The app with its lifespan running, and an httpx client on it."""
+    """The app with its lifespan running, and an httpx client on it; `keys`: the API keys it
+    takes (a KeyStore on a test's own database)."""
     runner = runner or TextRunner(n_ctx=2048, seq_cells=512, eos_at=None)
     model = scripted_model(runner, **model_options)
     records: list[Record] = []
-    app = create_app(settings or ServerSettings(), [model], sinks=[records.append, *sinks])
+    app = create_app(
+        settings or ServerSettings(), [model], sinks=[records.append, *sinks], keys=keys
+    )
     async with app.router.lifespan_context(app):
         await asyncio.to_thread(model.engine.wait_loaded)
         transport = httpx.ASGITransport(app=app)

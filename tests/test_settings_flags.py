@@ -47,6 +47,7 @@ OTHER: dict[str, Any] = {
     "drain_timeout": 2.5,
     "shutdown_timeout": 9,
     "metrics": False,
+    "metrics_public": True,
     "ctx": 4096,
     "parallel": 2,
     "batch": 64,

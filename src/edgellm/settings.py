@@ -243,6 +243,11 @@ class ServerSettings(_LayerSettings):
         "cancelled.",
     )
     metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
+    metrics_public: bool = Field(
+        False,
+        description="Let anyone read /metrics; off: with API keys on, it needs a metrics or "
+        "admin key.",
+    )
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")
     @classmethod

@@ -56,20 +56,19 @@ def serve(
     from edgellm.server import create_app
     from edgellm.server.app import is_loopback
     from edgellm.server.connections import raise_open_files_limit
+    from edgellm.server.keys import KeyStore
     from edgellm.server.logs import configure as configure_logging
     from edgellm.server.tls import server_context, warn_if_key_readable
     from edgellm.serving import prepare_model
 
-    if not is_loopback(server_settings.host) and not insecure and not server_settings.api_key:
-        raise EdgeLLMError(
-            f"refusing to bind {server_settings.host} without API keys; "
-            "bind 127.0.0.1, set --api-key, or pass --insecure"
-        )
+    keys = KeyStore.open()  # the data directory's keys; a running server sees changes
+    if not is_loopback(server_settings.host) and not insecure:
+        check_keys_for_public_bind(server_settings, keys)
     tls = server_context(server_settings.tls_cert, server_settings.tls_key)  # checked first
     model = prepare_model(server_settings, engine_settings)
     configure_logging(server_settings.log_format, server_settings.log_level)
     warn_if_key_readable(server_settings.tls_key)
-    app_ = create_app(server_settings, [model])
+    app_ = create_app(server_settings, [model], keys=keys)
     raise_open_files_limit()
     uv = _uvicorn(app_, server_settings, tls)
     scheme = "https" if tls else "http"
@@ -93,6 +92,18 @@ def serve(
         raise EdgeLLMError(f"model failed to load: {model.engine.load_error}")
     if not uv.started:
         raise typer.Exit(1)
+
+
+def check_keys_for_public_bind(settings: ServerSettings, keys: Any) -> None:
+    """A bind other than loopback needs auth on: an active key in `keys` (a KeyStore) or
+    --api-key; else EdgeLLMError."""
+    from edgellm.server.keys import KeyRing
+
+    if not KeyRing(keys, api_key=settings.api_key).enforced:
+        raise EdgeLLMError(
+            f"refusing to bind {settings.host} without API keys; bind 127.0.0.1, create one "
+            "(edgellm keys create), set --api-key, or pass --insecure"
+        )
 
 
 def _uvicorn(app: Any, settings: ServerSettings, tls: ssl.SSLContext | None) -> Any:

@@ -16,10 +16,11 @@ from starlette.types import Scope
 from edgellm import __version__
 from edgellm.engine.engine import describe
 from edgellm.errors import EdgeLLMError
-from edgellm.server.auth import ApiKeyAuth
+from edgellm.server.auth import KeyAuth
 from edgellm.server.drain import Drain, DrainGate
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.guard import GuardPolicy, RequestGuard
+from edgellm.server.keys import KeyRing, KeyStore, principal_of
 from edgellm.server.logs import RequestLog
 from edgellm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgellm.server.metrics import Metrics
@@ -33,10 +34,14 @@ from edgellm.settings import ServerSettings
 
 
 def create_app(
-    settings: ServerSettings, models: list[ServedModel], sinks: Iterable[RecordSink] = ()
+    settings: ServerSettings,
+    models: list[ServedModel],
+    sinks: Iterable[RecordSink] = (),
+    keys: KeyStore | None = None,
 ) -> FastAPI:
     """Build the app. Engines start with the app's lifespan and stop with it. Each generation
-    request's final record goes to every one of `sinks`."""
+    request's final record goes to every one of `sinks`. `keys`: the API keys it accepts
+    besides `settings.api_key` (serve passes the data directory's; None: none)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +49,7 @@ def create_app(
         started = table.list_models()
         for model in started:
             model.engine.start(loop)
+        app.state.keys.announce()  # whether auth is on, and with how many keys
         try:
             yield
         finally:
@@ -53,6 +59,7 @@ def create_app(
     table = ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
     app.state.models = table
+    app.state.keys = KeyRing(keys, api_key=settings.api_key)
     app.state.error_observers = []  # called with every whole error answer (server.errors)
     if settings.metrics:
         metrics = Metrics(table)
@@ -127,6 +134,9 @@ async def ready(request: Request) -> JSONResponse:
     if drain.draining:
         status, body["in_flight"] = "draining", drain.in_flight
     body["status"] = status
+    keys: KeyRing = request.app.state.keys
+    if keys.enforced and principal_of(request.scope) is None:
+        body = {"status": status}  # engine statistics are for key holders
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
@@ -134,8 +144,7 @@ def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
     """Outermost last: request ids, the guard, then CORS (preflights carry no key), the key
     check, then the drain gate."""
     app.add_middleware(DrainGate, drain=app.state.drain)
-    if settings.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    app.add_middleware(KeyAuth, ring=app.state.keys, metrics_public=settings.metrics_public)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

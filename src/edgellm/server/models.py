@@ -17,10 +17,11 @@ from fastapi import Request as HttpRequest
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Request, SamplingParams, Tokenizer
 from edgellm.engine.runner import Embedder
-from edgellm.errors import ContextOverflow, ModelNotFound, NotReady, ValidationError
+from edgellm.errors import ContextOverflow, Forbidden, ModelNotFound, NotReady, ValidationError
 from edgellm.modelfile import ModelInfo
 from edgellm.reasoning import ReasoningFormat, opens_reasoning
 from edgellm.server.disconnect import unless_disconnected
+from edgellm.server.keys import Principal
 from edgellm.structured import tool_call_grammar
 from edgellm.tools import Tool, fallback_instructions, render_call
 from edgellm.user_text import UserText
@@ -322,22 +323,43 @@ class ModelTable:
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self.list_models())
 
-    def lookup(self, name: str) -> ServedModel:
-        """The model `name` refers to, loaded or not; ModelNotFound otherwise."""
+    def visible(self, principal: Principal | None) -> list[ServedModel]:
+        """The served models a request's key may use (listings show no others)."""
+        return [m for m in self.list_models() if may_use(principal, m.model_id)]
+
+    def lookup(self, name: str, principal: Principal | None = None) -> ServedModel:
+        """The model `name` refers to, loaded or not; Forbidden when `principal` (the
+        request's key; None: no auth) may not use that name, whether it exists or not (a
+        scoped key learns nothing of other models), ModelNotFound when nothing has it."""
+        if not may_use(principal, name):
+            raise Forbidden(
+                f"this API key may not use the model '{name}'",
+                param="model",
+                code="model_not_allowed",
+            )
         with self._lock:
             model = next((self._models[k] for k in name_keys(name) if k in self._models), None)
         if model is None:
             raise ModelNotFound(name)
         return model
 
-    def resolve(self, name: str) -> ServedModel:
-        """The model `name` refers to, ready to take requests; ModelNotFound, NotReady, or
-        EngineDown when its engine stopped."""
-        model = self.lookup(name)
+    def resolve(self, name: str, principal: Principal | None = None) -> ServedModel:
+        """The model `name` refers to, ready to take requests; Forbidden (as `lookup`),
+        ModelNotFound, NotReady, or EngineDown when its engine stopped."""
+        model = self.lookup(name, principal)
         model.engine.check_alive()
         if not model.engine.ready:
             raise NotReady(f"the model '{name}' is still loading")
         return model
+
+
+def may_use(principal: Principal | None, name: str) -> bool:
+    """Whether a key may use the model `name`: a scope entry "m" allows m under any tag,
+    "m:t" only that tag; no principal (auth off) or no scope allows every model."""
+    if principal is None or principal.models is None:
+        return True
+    scope = principal.models
+    return any(base in scope or f"{base}:{tag}" in scope for base, tag in name_keys(name))
 
 
 def models_of(request: HttpRequest) -> ModelTable:

@@ -27,6 +27,7 @@ from edgellm.engine import SamplingParams
 from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.server.errors import ollama_error
 from edgellm.server.guard import ParsedJsonRoute
+from edgellm.server.keys import principal_of
 from edgellm.server.models import ServedModel, models_of, normalised
 from edgellm.server.ollama_wire import (
     ChatBody,
@@ -143,13 +144,15 @@ async def version() -> dict[str, Any]:
 
 @router.get("/tags", response_model=OllamaTags)
 async def tags(request: Request) -> dict[str, Any]:
-    entries = [OllamaModelEntry(**await _entry(m)) for m in models_of(request)]
+    visible = models_of(request).visible(principal_of(request.scope))
+    entries = [OllamaModelEntry(**await _entry(m)) for m in visible]
     return OllamaTags(models=entries).body()
 
 
 @router.get("/ps", response_model=OllamaPs)
 async def ps(request: Request) -> dict[str, Any]:
-    loaded = [m for m in models_of(request) if m.engine.ready]
+    visible = models_of(request).visible(principal_of(request.scope))
+    loaded = [m for m in visible if m.engine.ready]
     entries = [
         OllamaRunningEntry(
             **await _entry(m),
@@ -167,7 +170,7 @@ async def show(body: ShowBody, request: Request) -> dict[str, Any]:
     name = body.model or body.name
     if not name:
         raise ValidationError("model is required", param="model")
-    model = models_of(request).resolve(name)
+    model = models_of(request).resolve(name, principal_of(request.scope))
     capabilities = ["completion", "tools"] + (["thinking"] if model.reasoning else [])
     info = {k: v for k, v in model.info.metadata.items() if not k.startswith("edgellm.")}
     info.pop("tokenizer.chat_template", None)
@@ -242,7 +245,7 @@ def _no_images(images: list[str] | None, param: str) -> None:
 @router.post("/chat", response_model=None, responses=documented(OllamaChatResponse, NDJSON))
 async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResponse:
     """A chat reply; streamed (the default) as OllamaChatResponse lines."""
-    model = models_of(request).resolve(body.model)
+    model = models_of(request).resolve(body.model, principal_of(request.scope))
     if not body.messages:
         return _loaded(model, {"message": {"role": "assistant", "content": ""}})
     messages = []
@@ -271,7 +274,7 @@ async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResp
 async def generate(body: GenerateBody, request: Request) -> JSONResponse | StreamingResponse:
     """A completion of `prompt` (in the chat template unless `raw`); streamed (the default)
     as OllamaGenerateResponse lines."""
-    model = models_of(request).resolve(body.model)
+    model = models_of(request).resolve(body.model, principal_of(request.scope))
     _no_images(body.images, "images")
     if body.suffix:
         raise ValidationError("suffix (fill-in-the-middle) is not supported", param="suffix")
@@ -379,7 +382,7 @@ async def _ndjson(run: Run, shape: _Shape) -> AsyncIterator[bytes]:
 
 @router.post("/embed", response_model=OllamaEmbed)
 async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
-    model = models_of(request).resolve(body.model)
+    model = models_of(request).resolve(body.model, principal_of(request.scope))
     texts = [body.input] if isinstance(body.input, str) else body.input
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
@@ -397,7 +400,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
 @router.post("/embeddings", response_model=OllamaEmbeddings)
 async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     """The older endpoint: one prompt, an unnormalised vector; an empty prompt gives []."""
-    model = models_of(request).resolve(body.model)
+    model = models_of(request).resolve(body.model, principal_of(request.scope))
     if not body.prompt:
         return OllamaEmbeddings(embedding=[]).body()
     vectors, _ = await model.embed(request, [body.prompt], truncate=True, param="prompt")

@@ -18,6 +18,7 @@ from edgellm.engine import RequestOutput
 from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.server.errors import openai_error
 from edgellm.server.guard import ParsedJsonRoute
+from edgellm.server.keys import principal_of
 from edgellm.server.models import models_of, normalised
 from edgellm.server.pipeline import (
     ChatInput,
@@ -69,19 +70,20 @@ def _card(model_id: str, created: int) -> ModelCard:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict[str, Any]:
-    cards = [_card(m.model_id, m.created) for m in models_of(request)]
+    visible = models_of(request).visible(principal_of(request.scope))
+    cards = [_card(m.model_id, m.created) for m in visible]
     return ModelList(object="list", data=cards).body()
 
 
 @router.get("/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    model = models_of(request).resolve(model_id)
+    model = models_of(request).resolve(model_id, principal_of(request.scope))
     return _card(model.model_id, model.created).body()
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    model = models_of(request).resolve(body.model)
+    model = models_of(request).resolve(body.model, principal_of(request.scope))
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
     if isinstance(body.input, str):
@@ -196,7 +198,8 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     """A chat completion; with `stream`, ChatCompletionChunk events."""
     _check_supported(body)
-    models_of(request).resolve(body.model)  # an unknown model is the first thing said
+    # an unknown model (or one the key may not use) is the first thing said
+    models_of(request).resolve(body.model, principal_of(request.scope))
     chat = ChatInput(
         message_dicts(body.messages),
         tools=[t.tool() for t in body.tools or []],
@@ -217,7 +220,8 @@ async def completions(
     _check_supported(body)
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")
-    models_of(request).resolve(body.model)  # an unknown model is the first thing said
+    # an unknown model (or one the key may not use) is the first thing said
+    models_of(request).resolve(body.model, principal_of(request.scope))
     prompt: object = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         given = TextInput([t for t in prompt if isinstance(t, int)])
