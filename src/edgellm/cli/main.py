@@ -7,7 +7,16 @@ import sys
 import typer
 
 from edgellm import __version__
-from edgellm.cli import bench, chat_command, compress, keys_command, plan, serve, tls_command
+from edgellm.cli import (
+    audit_command,
+    bench,
+    chat_command,
+    compress,
+    keys_command,
+    plan,
+    serve,
+    tls_command,
+)
 
 app = typer.Typer(
     name="edgellm",
@@ -42,6 +51,7 @@ app.command(name="eval")(compress.evaluate)
 app.command()(plan.plan)
 app.add_typer(keys_command.app)
 app.add_typer(tls_command.app)
+app.add_typer(audit_command.app)
 
 
 def main() -> None:
