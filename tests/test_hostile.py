@@ -481,7 +481,7 @@ def test_deeply_nested_schema_and_body(srv: ServerProcess) -> None:
     assert response.json()["error"]["param"].startswith(SCHEMA + ".items.items")
     assert_rejected(send(srv, CHAT, chat(response_format=schema_format(_nested(40)))), SCHEMA)
     deep = b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    assert_rejected(send(srv, CHAT, deep), None)
+    assert_rejected(send(srv, CHAT, deep), "messages" + "[0]" * 63)  # scanned for the field
 
 
 def _stream_error(response: httpx.Response) -> dict[str, Any]:
@@ -549,15 +549,17 @@ def test_a_big_schema_and_a_big_prompt_do_not_block_the_loop(srv: ServerProcess)
         "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(3000)},
     }
     assert_rejected(send(srv, CHAT, chat(response_format=schema_format(big_schema))), SCHEMA)
-    prompt = "word " * 780_000  # 3.9 MB
+    prompt = "word " * 200_000  # 1 MB: within --max-message-chars, tokenized (~1 s) in a thread
     response = send(srv, CHAT, chat(messages=[{"role": "user", "content": prompt}]))
     assert_rejected(response, "messages")
+    response = send(srv, CHAT, chat(messages=[{"role": "user", "content": prompt * 4}]))
+    assert_rejected(response, "messages[0].content")  # over it: refused before tokenizing
     many = [{"role": "user", "content": [{"type": "text", "text": "a"}] * 900} for _ in range(20)]
     assert_rejected(send(srv, CHAT, chat(messages=many)), None)  # over 10,000 JSON objects
 
 
 def test_embeddings_stop_when_the_client_leaves(srv: ServerProcess) -> None:
-    body = {"model": MODEL_ID, "input": ["word " * 400] * 2000}
+    body = {"model": MODEL_ID, "input": ["word " * 200] * 2000}  # within --max-request-chars
     with httpx.Client(base_url=srv.base, timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/api/embed", json=body)
     # the 2000 inputs would take minutes; the next embedding is served at once

@@ -169,6 +169,66 @@ class ServerSettings(_LayerSettings):
         description="max_tokens when a request omits it.",
         json_schema_extra={"shown_default": "the rest of the context"},
     )
+    # Bounds on one request (edgellm.server.limits): beyond each, a 400 naming the field.
+    request_timeout: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a generation request may take from its arrival; then it ends "
+        'with the text generated so far and finish reason "length".',
+    )
+    max_messages: int = Field(4096, ge=1, le=1 << 20, description="Messages in one chat.")
+    max_message_chars: int = Field(
+        1 << 20,
+        ge=1,
+        le=1 << 30,
+        description="Characters of one message's content, one prompt or one embedding input.",
+    )
+    max_request_chars: int = Field(
+        2 << 20,
+        ge=1,
+        le=1 << 30,
+        description="Characters of all messages, prompts or embedding inputs of one request.",
+    )
+    max_content_parts: int = Field(1024, ge=1, le=1 << 20, description="Parts of one message.")
+    max_tools: int = Field(128, ge=0, le=1 << 16, description="Tools in one request.")
+    max_tool_schema_chars: int = Field(
+        32 << 10,
+        ge=16,
+        le=1 << 30,
+        description="Characters of one tool's parameters schema, written as compact JSON.",
+    )
+    max_tool_calls: int = Field(
+        128, ge=0, le=1 << 16, description="Tool calls in one message of a chat's history."
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=2,
+        le=512,
+        description="Nesting of objects and lists in a request body or in tool-call arguments.",
+    )
+    max_json_objects: int = Field(
+        10_000, ge=1, le=1 << 24, description="JSON objects in one request body."
+    )
+    max_stop_strings: int = Field(16, ge=0, le=4096, description="Stop strings of one request.")
+    max_stop_chars: int = Field(256, ge=1, le=1 << 16, description="Characters of a stop string.")
+    max_logit_bias: int = Field(1024, ge=0, le=1 << 20, description="logit_bias entries.")
+    max_embed_inputs: int = Field(
+        2048, ge=1, le=1 << 20, description="Inputs of one embedding request."
+    )
+    max_prompt_token_ids: int = Field(
+        1 << 20,
+        ge=1,
+        le=1 << 26,
+        description="Token ids of a prompt given as ids (or of Ollama's context).",
+    )
+    max_grammar_bytes: int = Field(
+        256 << 10,
+        ge=1024,
+        le=64 << 20,
+        description="Bytes of the grammar made from a JSON schema (structured output, forced "
+        "tool calls); a schema whose grammar would be larger is refused before it is built.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="Log level of the server and uvicorn."
     )
@@ -247,6 +307,28 @@ class ServerSettings(_LayerSettings):
         False,
         description="Let anyone read /metrics; off: with API keys on, it needs a metrics or "
         "admin key.",
+    )
+    audit: bool = Field(
+        True,
+        description="Keep the tamper-evident audit log: one HMAC-chained record per API "
+        "request (who, what, status, tokens, hashes of input and output) in the data "
+        "directory's database (edgellm audit verify checks it).",
+    )
+    audit_text: bool = Field(
+        False,
+        description="Put each request's prompt and output text in its audit record (off: "
+        "their SHA-256 only).",
+    )
+    audit_required: bool = Field(
+        True,
+        description="While the audit log cannot be written (disk full, database locked), "
+        "refuse new requests with 503 until it can; off: serve on, records wait in memory.",
+    )
+    prefix_cache_scope: Literal["key", "global"] = Field(
+        "key",
+        description="key: a request reuses cached prompt cells of its own API key's requests "
+        "only; global: of any key's (shared system prompts computed once, but a key can learn "
+        "from cached_tokens whether another sent a prompt).",
     )
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")

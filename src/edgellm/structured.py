@@ -75,42 +75,112 @@ def check_bounds(schema: Any, param: str, limits: SchemaLimits = LIMITS) -> None
     keyword's path. Iterative, so a deeply nested schema cannot exhaust the stack here."""
     total = 0
     nodes = 0
-    # (value, path, depth, whether the value sits where a subschema goes)
-    todo: list[tuple[Any, str, int, bool]] = [(schema, "", 0, True)]
+    grammar = 0  # bytes the grammar will have at least (`_grammar_bytes`)
+    # (value, path, depth, whether the value sits where a subschema goes, its rule name's length)
+    todo: list[tuple[Any, str, int, bool, int]] = [(schema, "", 0, True, 0)]
     while todo:
-        value, path, depth, is_schema = todo.pop()
+        value, path, depth, is_schema, name = todo.pop()
         nodes += 1
         if nodes > limits.nodes:
             raise _too(param, path, f"has more than {limits.nodes} values")
         if depth > limits.depth:
             raise _too(param, path, f"nests deeper than {limits.depth} levels")
         if isinstance(value, list):
-            todo += [(v, f"{path}/{i}", depth + 1, False) for i, v in enumerate(value)]
+            todo += [(v, f"{path}/{i}", depth + 1, False, 0) for i, v in enumerate(value)]
             continue
         if not isinstance(value, dict):
             continue
         if not is_schema:
-            todo += [(v, f"{path}/{k}", depth + 1, False) for k, v in value.items()]
+            todo += [(v, f"{path}/{k}", depth + 1, False, 0) for k, v in value.items()]
             continue
         total += _check_keywords(value, param, path, limits)
         if total > limits.repeat_total:
             raise _too(param, path, f"its repetition counts add up to over {limits.repeat_total}")
-        todo += _children(value, path, depth)
+        grammar += _grammar_bytes(value, name)
+        if grammar > limits.grammar_bytes:
+            raise _too(
+                param,
+                path,
+                f"would make a grammar of over {limits.grammar_bytes} bytes (max_grammar_bytes; "
+                "a grammar spells out each repetition under its rule's name, which grows with "
+                "each property name on the way)",
+            )
+        todo += _children(value, path, depth, name)
 
 
-def _children(node: dict[str, Any], path: str, depth: int) -> list[tuple[Any, str, int, bool]]:
-    """Every value under a schema object, marked with whether it is itself a subschema."""
-    out: list[tuple[Any, str, int, bool]] = []
+# Bytes one repetition takes besides its item's rule name, at least (measured: a string's
+# `char ` 5 bytes in all, an array item with its separator 11 plus the name).
+_REPEATS = (("minLength", "maxLength", 5), ("minItems", "maxItems", 11))
+
+
+def _child_name(parent: int, container: str, key: str) -> int:
+    """Length of the rule name the converter gives a subschema: `container` is the keyword it
+    sits under, `key` its property name or index there ("" under a one-schema keyword)."""
+    if container in ("$defs", "definitions"):
+        return len(key)  # named by its key alone, where a $ref uses it
+    if container == "allOf":
+        return parent  # members' properties are merged into the parent's rule
+    steps = {"prefixItems": "tuple-" + key, "additionalProperties": "additional"}
+    if container == "items":
+        steps["items"] = "tuple-" + key if key else "item"
+    step = steps.get(container, key or container)
+    return parent + (1 if parent else 0) + len(step)
+
+
+def _grammar_bytes(node: dict[str, Any], name: int) -> int:
+    """A lower bound on the grammar bytes one schema object makes, from its repetitions (each
+    spelled out) and its properties (each named twice, with its full rule name), so that a
+    schema is refused before the converter writes megabytes (a 10,000-character property
+    name with `pattern` "(ab){0,1000}" makes a 10 MB grammar in 0.06 s)."""
+    cost = 0
+    for low, high, each in _REPEATS:  # the item is written max(low, high) times
+        count = max(_int(node.get(low)), _int(node.get(high)))
+        if low == "minItems":  # a primitive's rule ("null", "string", ...) or "NAME-item"
+            each += 4 if _primitive(node.get("items")) or not name else name + 5
+        cost += count * each
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        literal, grouped = _pattern_repeats(pattern)
+        cost += literal * 7 + grouped * (name + 6)
+    properties = node.get("properties")
+    if isinstance(properties, dict):
+        for key in properties:
+            cost += 2 * (name + 1 + len(key)) + 20
+    return cost
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _primitive(items: Any) -> bool:
+    """Whether the converter writes array items as a shared primitive rule (no name)."""
+    return isinstance(items, dict) and set(items) <= {"type"} | _ANNOTATIONS
+
+
+def _children(
+    node: dict[str, Any], path: str, depth: int, name: int
+) -> list[tuple[Any, str, int, bool, int]]:
+    """Every value under a schema object, marked with whether it is itself a subschema, and
+    with its rule name's length."""
+    out: list[tuple[Any, str, int, bool, int]] = []
     for key, value in node.items():
         where = f"{path}/{key}"
         if key in _SCHEMA_MAPS and isinstance(value, dict):
-            out.append(({}, where, depth + 1, False))  # the map itself, counted
-            out += [(v, f"{where}/{k}", depth + 2, True) for k, v in value.items()]
+            out.append(({}, where, depth + 1, False, 0))  # the map itself, counted
+            out += [
+                (v, f"{where}/{k}", depth + 2, True, _child_name(name, key, k))
+                for k, v in value.items()
+            ]
         elif key in _SCHEMA_LISTS and isinstance(value, list):
-            out.append(([], where, depth + 1, False))
-            out += [(v, f"{where}/{i}", depth + 2, True) for i, v in enumerate(value)]
+            out.append(([], where, depth + 1, False, 0))
+            out += [
+                (v, f"{where}/{i}", depth + 2, True, _child_name(name, key, str(i)))
+                for i, v in enumerate(value)
+            ]
         else:
-            out.append((value, where, depth + 1, key in _SCHEMA_ONE))
+            is_schema = key in _SCHEMA_ONE
+            out.append((value, where, depth + 1, is_schema, _child_name(name, key, "")))
     return out
 
 
@@ -271,16 +341,49 @@ def _check_pattern(pattern: str, param: str, path: str, limits: SchemaLimits) ->
     return total
 
 
+def _pattern_repeats(pattern: str) -> tuple[int, int]:
+    """How many times a pattern's `{m,n}` write their item (max(m, n) each): those repeating
+    one literal character, and those repeating a group, a class or `.`, which the converter
+    writes as a rule named after the pattern's own rule."""
+    literal = grouped = 0
+    item = ""  # what a quantifier here repeats: a character, an escape, ")", "]" or "."
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            item = pattern[i : i + 2]
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+            item = c
+        elif c == "[":
+            in_class = True
+        elif c == "{" and (match := _QUANTIFIER.match(pattern, i)):
+            count = max((int(d) for d in match.groups() if d and len(d) <= 6), default=0)
+            if item in (")", "]", ".") or (len(item) == 2 and item[1] in "dDwWsS"):
+                grouped += count
+            else:
+                literal += count
+            i = match.end()
+            continue
+        else:
+            item = c
+        i += 1
+    return literal, grouped
+
+
 def _too(param: str, path: str, why: str) -> ValidationError:
-    where = f" at '{path.lstrip('/')}'" if path else ""
+    steps = [s if len(s) <= 64 else f"{s[:16]}...({len(s)} characters)" for s in path.split("/")]
+    where = f" at '{'/'.join(steps).lstrip('/')}'" if path else ""
     return ValidationError(f"{param}: the schema{where} {why}", param=param)
 
 
-def check_schema(schema: Any, param: str) -> dict[str, Any]:
+def check_schema(schema: Any, param: str, limits: SchemaLimits = LIMITS) -> dict[str, Any]:
     """A JSON schema the client sent, bounded, then checked against its metaschema."""
     if not isinstance(schema, dict):
         raise ValidationError(f"{param} must be a JSON schema object", param=param)
-    check_bounds(schema, param)
+    check_bounds(schema, param, limits)
     try:
         validator = jsonschema.validators.validator_for(
             schema, default=jsonschema.Draft202012Validator
@@ -349,9 +452,9 @@ def unenforced_keyword(schema: Any, path: str = "") -> str | None:
     return None
 
 
-def schema_grammar(schema: Any, param: str) -> str:
+def schema_grammar(schema: Any, param: str, limits: SchemaLimits = LIMITS) -> str:
     """GBNF accepting exactly the JSON documents valid under `schema` (root rule `root`)."""
-    check_schema(schema, param)
+    check_schema(schema, param, limits)
     unenforced = unenforced_keyword(schema)
     if unenforced is not None:
         raise ValidationError(
@@ -369,10 +472,10 @@ def schema_grammar(schema: Any, param: str) -> str:
             param=param,
         ) from exc
     grammar = grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
-    if len(grammar) > LIMITS.grammar_bytes:
+    if len(grammar) > limits.grammar_bytes:
         raise ValidationError(
             f"{param}: the grammar made from this schema is {len(grammar)} bytes; at most "
-            f"{LIMITS.grammar_bytes} (fewer properties, alternatives or repetitions)",
+            f"{limits.grammar_bytes} (fewer properties, alternatives or repetitions)",
             param=param,
         )
     return grammar
@@ -383,7 +486,9 @@ def json_object_grammar() -> str:
     return schema_grammar({"type": "object"}, "response_format")
 
 
-def tool_call_grammar(tools: list[tuple[str, dict[str, Any]]], param: str) -> str:
+def tool_call_grammar(
+    tools: list[tuple[str, dict[str, Any]]], param: str, limits: SchemaLimits = LIMITS
+) -> str:
     """One `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` for one of `tools`
     ((name, parameters schema) pairs): what `tool_choice` "required" or a named tool forces."""
     alternatives = [
@@ -395,5 +500,5 @@ def tool_call_grammar(tools: list[tuple[str, dict[str, Any]]], param: str) -> st
         for name, parameters in tools
     ]
     schema = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
-    call = _ROOT_RULE.sub("call ::= ", schema_grammar(schema, param), count=1)
+    call = _ROOT_RULE.sub("call ::= ", schema_grammar(schema, param, limits), count=1)
     return f'root ::= "{TOOL_CALL_START}" call "{TOOL_CALL_END}"\n{call}'

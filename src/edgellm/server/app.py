@@ -21,6 +21,7 @@ from edgellm.server.drain import Drain, DrainGate
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.guard import GuardPolicy, RequestGuard
 from edgellm.server.keys import KeyRing, KeyStore, principal_of
+from edgellm.server.limits import Limits
 from edgellm.server.logs import RequestLog
 from edgellm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgellm.server.metrics import Metrics
@@ -59,6 +60,7 @@ def create_app(
     table = ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
     app.state.models = table
+    app.state.limits = Limits.from_settings(settings)  # what one request may ask (routes)
     app.state.keys = KeyRing(keys, api_key=settings.api_key)
     app.state.error_observers = []  # called with every whole error answer (server.errors)
     if settings.metrics:
@@ -72,7 +74,13 @@ def create_app(
 
         app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False)
     sinks = [RequestLog(with_text=settings.log_prompts), *sinks]
-    app.state.pipeline = pipeline = Pipeline(table, sinks, keep_text=settings.log_prompts)
+    app.state.pipeline = pipeline = Pipeline(
+        table,
+        sinks,
+        keep_text=settings.log_prompts,
+        schema_limits=app.state.limits.grammar,
+        deadline_s=settings.request_timeout,
+    )
 
     def record_refusal(scope: Scope, exc: EdgeLLMError, recorded: bool) -> None:
         """Generation requests refused before the pipeline get their record too."""
@@ -159,6 +167,8 @@ def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
         allowed_origins=settings.allowed_origins,
         allowed_hosts=settings.allowed_hosts,
         loopback=is_loopback(settings.host),
+        max_json_depth=settings.max_json_depth,
+        max_json_objects=settings.max_json_objects,
     )
     app.add_middleware(RequestGuard, policy=policy)
     app.add_middleware(RequestIds)  # outermost: every answer carries X-Request-Id

@@ -11,8 +11,8 @@
 3. The body: at most `max_body_bytes` (413), whole within `body_timeout_s` (408), parsed
    off the event loop when large, with bounded nesting and object count, no NaN or
    Infinity, no number of thousands of digits and no string that is not valid Unicode (400
-   naming the field). The parsed value is handed to the routes (`ParsedJsonRoute`), so no
-   body is parsed twice.
+   naming the field; a body nested too deep for Python's parser is scanned for where). The
+   parsed value is handed to the routes (`ParsedJsonRoute`), so no body is parsed twice.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ from edgellm.errors import (
 
 PARSED_KEY = "edgellm.json"  # scope key holding the parsed body
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-MAX_JSON_DEPTH = 64  # nesting of objects and lists in a body
-MAX_JSON_OBJECTS = 10_000  # JSON objects in one body (validation cost grows with them)
 _INLINE_BYTES = 64 << 10  # bodies up to this are parsed on the event loop (< 1 ms)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -53,6 +51,8 @@ class GuardPolicy:
     body_timeout_s: float
     allowed_origins: frozenset[str]  # exact origins ("https://app.example"), or "*"
     allowed_hosts: frozenset[str] | None  # Host names accepted; None: any
+    max_json_depth: int  # nesting of objects and lists in a body
+    max_json_objects: int  # JSON objects in one body (validation cost grows with them)
 
     @classmethod
     def build(
@@ -64,6 +64,8 @@ class GuardPolicy:
         allowed_origins: Iterable[str],
         allowed_hosts: Iterable[str],
         loopback: bool,
+        max_json_depth: int,
+        max_json_objects: int,
     ) -> GuardPolicy:
         hosts = {h.lower().strip("[]") for h in allowed_hosts}
         checked = loopback or bool(hosts)  # a public bind checks Host only when told names
@@ -74,6 +76,8 @@ class GuardPolicy:
             body_timeout_s,
             frozenset(o.rstrip("/").lower() for o in allowed_origins),
             frozenset(hosts) if checked else None,
+            max_json_depth,
+            max_json_objects,
         )
 
 
@@ -161,10 +165,11 @@ class RequestGuard:
         headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
         scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         if body:
+            bounds = (self.policy.max_json_depth, self.policy.max_json_objects)
             if len(body) <= _INLINE_BYTES:
-                scope[PARSED_KEY] = parse_json(body)
+                scope[PARSED_KEY] = parse_json(body, *bounds)
             else:  # in a thread: the parser's hooks let the event loop run in between
-                scope[PARSED_KEY] = await asyncio.to_thread(parse_json, body)
+                scope[PARSED_KEY] = await asyncio.to_thread(parse_json, body, *bounds)
         return scope, _replay(body, receive)
 
     async def _collect(self, scope: Scope, receive: Receive) -> bytes:
@@ -207,7 +212,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, max_depth: int, max_objects: int) -> Any:
     """The body as JSON, or a ValidationError naming where it is bad."""
     try:
         text = body.decode("utf-8")
@@ -220,7 +225,7 @@ def parse_json(body: bytes) -> Any:
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal objects
         objects += 1
-        if objects > MAX_JSON_OBJECTS:
+        if objects > max_objects:
             raise _TooMany
         return dict(items)
 
@@ -231,18 +236,16 @@ def parse_json(body: bytes) -> Any:
         value = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except _TooMany:
         raise ValidationError(
-            f"the request body has more than {MAX_JSON_OBJECTS} JSON objects",
+            f"the request body has more than {max_objects} JSON objects (max_json_objects)",
             code="invalid_json",
         ) from None
-    except RecursionError:
-        raise ValidationError(
-            f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
-        ) from None
+    except RecursionError:  # nested too deep for the parser itself: find where, iteratively
+        raise _too_deep(too_deep_at(text, max_depth), max_depth) from None
     except ValueError as exc:  # JSONDecodeError, and integers of over 4300 digits
         raise ValidationError(
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
-    check_json(value)
+    check_json(value, max_depth)
     return value
 
 
@@ -250,7 +253,15 @@ class _TooMany(Exception):
     pass
 
 
-def check_json(value: Any) -> None:
+def _too_deep(path: str | None, max_depth: int) -> ValidationError:
+    return ValidationError(
+        f"the request body nests deeper than {max_depth} levels (max_json_depth)",
+        param=path or None,
+        code="invalid_json",
+    )
+
+
+def check_json(value: Any, max_depth: int) -> None:
     """Bounded nesting and valid Unicode everywhere in a parsed JSON value (iterative)."""
     todo: list[tuple[Any, str, int]] = [(value, "", 0)]
     while todo:
@@ -264,10 +275,8 @@ def check_json(value: Any) -> None:
             continue
         if not isinstance(item, dict | list):
             continue
-        if depth >= MAX_JSON_DEPTH:
-            raise ValidationError(
-                f"the request body nests deeper than {MAX_JSON_DEPTH} levels", param=path or None
-            )
+        if depth >= max_depth:
+            raise _too_deep(path, max_depth)
         if isinstance(item, list):
             todo += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(item)]
             continue
@@ -276,6 +285,49 @@ def check_json(value: Any) -> None:
             if not key.isascii() and _SURROGATE.search(key):
                 raise ValidationError("a key is not valid Unicode", param=path or None)
             todo.append((v, where, depth + 1))
+
+
+# a JSON string, or one structural character
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def too_deep_at(text: str, max_depth: int) -> str | None:
+    """The path (as `check_json` writes it) of the first object or list in JSON `text` that
+    is nested `max_depth` deep, found by scanning tokens up to it; None if there is none.
+    For bodies too deep for `json.loads`, which gives up without saying where."""
+    # one frame per open container: [key or None, index or None]
+    frames: list[list[Any]] = []
+    expect_key = False
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            if len(frames) >= max_depth:
+                return "".join(_step(i, frame) for i, frame in enumerate(frames)) or None
+            frames.append([None, 0] if token == "[" else [None, None])
+            expect_key = token == "{"
+        elif token in "]}":
+            if frames:
+                frames.pop()
+            expect_key = False
+        elif token == ",":
+            if frames and frames[-1][1] is not None:
+                frames[-1][1] += 1
+            expect_key = bool(frames) and frames[-1][1] is None
+        elif expect_key and frames:  # a key of the innermost object
+            frames[-1][0] = token
+            expect_key = False
+    return None
+
+
+def _step(i: int, frame: list[Any]) -> str:
+    key, index = frame
+    if index is not None:
+        return f"[{index}]"
+    try:
+        name = json.loads(key) if key is not None else "?"
+    except ValueError:
+        name = "?"
+    return f".{name}" if i else str(name)
 
 
 class ParsedJsonRoute(APIRoute):

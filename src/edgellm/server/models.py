@@ -22,7 +22,7 @@ from edgellm.modelfile import ModelInfo
 from edgellm.reasoning import ReasoningFormat, opens_reasoning
 from edgellm.server.disconnect import unless_disconnected
 from edgellm.server.keys import Principal
-from edgellm.structured import tool_call_grammar
+from edgellm.structured import LIMITS, SchemaLimits, tool_call_grammar
 from edgellm.tools import Tool, fallback_instructions, render_call
 from edgellm.user_text import UserText
 
@@ -128,13 +128,15 @@ class ServedModel:
         think: bool | None = None,
         include_reasoning: bool = True,
         param: str = "messages",
+        schema_limits: SchemaLimits = LIMITS,
     ) -> ChatPlan:
         """Render a chat for this model and decide how its output is taken apart.
 
         `messages` are dicts with role, content (str) and optionally tool_calls
         ([{"id", "name", "arguments"}]), tool_call_id and name. `tool_choice` is "auto",
         "none", "required" or a tool's name; "required" and a name force one call by grammar.
-        `grammar_param` names the field `grammar` came from. Blocking (the grammar is compiled
+        `grammar_param` names the field `grammar` came from; `schema_limits` bound the grammar
+        of a forced call made from the tools' schemas. Blocking (the grammar is compiled
         in a sandbox, the prompt tokenized): call it from a worker thread.
         """
         if think and self.reasoning is None:
@@ -149,7 +151,8 @@ class ServedModel:
                     "a structured output format cannot be combined with a forced tool call",
                     param="tool_choice",
                 )
-            grammar = tool_call_grammar([(t.name, t.parameters) for t in tools], "tools")
+            calls = [(t.name, t.parameters) for t in tools]
+            grammar = tool_call_grammar(calls, "tools", schema_limits)
             grammar_param = "tools"
         if grammar is not None:
             grammar_param = grammar_param or "response_format"

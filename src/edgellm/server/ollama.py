@@ -28,6 +28,13 @@ from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.server.errors import ollama_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
+from edgellm.server.limits import (
+    check_embed,
+    check_generate,
+    check_ollama_chat,
+    check_ollama_embeddings,
+    limits_of,
+)
 from edgellm.server.models import ServedModel, models_of, normalised
 from edgellm.server.ollama_wire import (
     ChatBody,
@@ -245,6 +252,7 @@ def _no_images(images: list[str] | None, param: str) -> None:
 @router.post("/chat", response_model=None, responses=documented(OllamaChatResponse, NDJSON))
 async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResponse:
     """A chat reply; streamed (the default) as OllamaChatResponse lines."""
+    check_ollama_chat(body, limits_of(request))
     model = models_of(request).resolve(body.model, principal_of(request.scope))
     if not body.messages:
         return _loaded(model, {"message": {"role": "assistant", "content": ""}})
@@ -274,6 +282,7 @@ async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResp
 async def generate(body: GenerateBody, request: Request) -> JSONResponse | StreamingResponse:
     """A completion of `prompt` (in the chat template unless `raw`); streamed (the default)
     as OllamaGenerateResponse lines."""
+    check_generate(body, limits_of(request))
     model = models_of(request).resolve(body.model, principal_of(request.scope))
     _no_images(body.images, "images")
     if body.suffix:
@@ -382,6 +391,7 @@ async def _ndjson(run: Run, shape: _Shape) -> AsyncIterator[bytes]:
 
 @router.post("/embed", response_model=OllamaEmbed)
 async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
+    check_embed(body, limits_of(request))
     model = models_of(request).resolve(body.model, principal_of(request.scope))
     texts = [body.input] if isinstance(body.input, str) else body.input
     if body.dimensions is not None:
@@ -400,6 +410,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
 @router.post("/embeddings", response_model=OllamaEmbeddings)
 async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     """The older endpoint: one prompt, an unnormalised vector; an empty prompt gives []."""
+    check_ollama_embeddings(body, limits_of(request))
     model = models_of(request).resolve(body.model, principal_of(request.scope))
     if not body.prompt:
         return OllamaEmbeddings(embedding=[]).body()

@@ -1,25 +1,13 @@
-"""Request bodies of the Ollama-compatible routes, with their bounds (see edgellm.server.wire
-for the limits shared with the OpenAI routes)."""
+"""Request bodies of the Ollama-compatible routes: types and value ranges (the bounds set by
+the server's settings are checked by edgellm.server.limits)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from edgellm.server.wire import (
-    MAX_EMBED_INPUTS,
-    MAX_LOGIT_BIAS_ENTRIES,
-    MAX_MESSAGES,
-    MAX_PROMPT_TOKEN_IDS,
-    MAX_TOKENS_LIMIT,
-    MAX_TOOL_CALLS,
-    MAX_TOOLS,
-    ToolDef,
-    Wire,
-    check_logit_bias,
-    check_stops,
-)
+from edgellm.server.wire import MAX_TOKENS_LIMIT, ToolDef, Wire
 
 
 class Options(Wire):
@@ -37,12 +25,7 @@ class Options(Wire):
     repeat_last_n: int | None = Field(None, ge=-1, le=1 << 16)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(
-        None, max_length=MAX_LOGIT_BIAS_ENTRIES, description="edgellm extension"
-    )
-
-    _check_bias = field_validator("logit_bias")(check_logit_bias)
-    _check_stop = field_validator("stop")(check_stops)
+    logit_bias: dict[str, float] | None = Field(None, description="edgellm extension")
 
 
 class GeneratingBody(Options):
@@ -78,13 +61,13 @@ class OllamaMessage(Wire):
     content: str = ""
     thinking: str | None = None
     images: list[str] | None = Field(None, max_length=16)
-    tool_calls: list[OllamaToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = Field(None, max_length=256)
 
 
 class ChatBody(GeneratingBody):
-    messages: list[OllamaMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
-    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[ToolDef] | None = None
 
 
 class GenerateBody(GeneratingBody):
@@ -93,12 +76,12 @@ class GenerateBody(GeneratingBody):
     system: str | None = None
     raw: bool = False
     images: list[str] | None = Field(None, max_length=16)
-    context: list[int] | None = Field(None, max_length=MAX_PROMPT_TOKEN_IDS)
+    context: list[int] | None = None
 
 
 class EmbedBody(Wire):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] = Field(min_length=1, max_length=MAX_EMBED_INPUTS)
+    input: str | list[str] = Field(min_length=1)
     truncate: bool = True
     options: Options | None = None
     keep_alive: str | int | float | None = None

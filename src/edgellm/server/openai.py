@@ -19,6 +19,7 @@ from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.server.errors import openai_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
+from edgellm.server.limits import check_chat, check_completion, check_embedding, limits_of
 from edgellm.server.models import models_of, normalised
 from edgellm.server.pipeline import (
     ChatInput,
@@ -36,6 +37,7 @@ from edgellm.server.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     Completion,
     CompletionChoice,
     EmbeddingData,
@@ -50,7 +52,6 @@ from edgellm.server.responses import (
     documented,
 )
 from edgellm.server.wire import (
-    MAX_EMBED_INPUTS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -83,6 +84,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 
 @router.post("/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    check_embedding(body, limits_of(request))
     model = models_of(request).resolve(body.model, principal_of(request.scope))
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
@@ -92,8 +94,6 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
         texts = [x for x in body.input if isinstance(x, str)]
     else:
         raise ValidationError("token id inputs are not supported; send text", param="input")
-    if len(texts) > MAX_EMBED_INPUTS:
-        raise ValidationError(f"at most {MAX_EMBED_INPUTS} inputs per request", param="input")
     vectors, n_tokens = await model.embed(request, texts, truncate=False, param="input")
     data = []
     for i, vector in enumerate(vectors):
@@ -148,8 +148,9 @@ def _generation(
     )
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Wire messages as the pipeline's ChatInput takes them."""
+def message_dicts(messages: list[ChatMessage], max_depth: int) -> list[dict[str, Any]]:
+    """Wire messages as the pipeline's ChatInput takes them (tool-call arguments parsed,
+    nested at most `max_depth` deep)."""
     out = []
     for i, m in enumerate(messages):
         d: dict[str, Any] = {"role": m.role, "content": m.text()}
@@ -163,7 +164,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     "id": c.id,
                     "name": c.function.name,
                     "arguments": c.function.argument_dict(
-                        f"messages[{i}].tool_calls[{j}].function.arguments"
+                        f"messages[{i}].tool_calls[{j}].function.arguments", max_depth
                     ),
                 }
                 for j, c in enumerate(m.tool_calls)
@@ -192,16 +193,22 @@ def _tool_choice(body: ChatCompletionRequest) -> str:
     return choice.function.name
 
 
-@router.post("/chat/completions", response_model=None, responses=documented(ChatCompletion, SSE))
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses=documented(ChatCompletion, SSE, ChatCompletionChunk),
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> JSONResponse | StreamingResponse:
     """A chat completion; with `stream`, ChatCompletionChunk events."""
+    limits = limits_of(request)
+    check_chat(body, limits)
     _check_supported(body)
     # an unknown model (or one the key may not use) is the first thing said
     models_of(request).resolve(body.model, principal_of(request.scope))
     chat = ChatInput(
-        message_dicts(body.messages),
+        message_dicts(body.messages, limits.json_depth),
         tools=[t.tool() for t in body.tools or []],
         tool_choice=_tool_choice(body),
         format=_output_format(body.response_format),
@@ -217,6 +224,7 @@ async def completions(
     body: CompletionRequest, request: Request
 ) -> JSONResponse | StreamingResponse:
     """A text completion; with `stream`, Completion events."""
+    check_completion(body, limits_of(request))
     _check_supported(body)
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")

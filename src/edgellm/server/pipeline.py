@@ -29,7 +29,7 @@ from edgellm.reasoning import ReasoningSplitter
 from edgellm.server.disconnect import unless_disconnected
 from edgellm.server.errors import mark_recorded
 from edgellm.server.models import ChatPlan, ModelTable, ServedModel
-from edgellm.structured import json_object_grammar, schema_grammar
+from edgellm.structured import LIMITS, SchemaLimits, json_object_grammar, schema_grammar
 from edgellm.tools import Tool, ToolCall, ToolCallScanner
 
 log = logging.getLogger("edgellm.server")
@@ -52,10 +52,10 @@ class OutputFormat:
     schema: dict[str, Any] | None
     param: str  # the request field it came from, for errors
 
-    def grammar(self) -> str:
+    def grammar(self, limits: SchemaLimits = LIMITS) -> str:
         if self.schema is None:
             return json_object_grammar()
-        return schema_grammar(self.schema, self.param)
+        return schema_grammar(self.schema, self.param, limits)
 
 
 @dataclass(slots=True)
@@ -215,11 +215,19 @@ class Pipeline:
     """Runs generation requests against the models of a table, reporting each one's record."""
 
     def __init__(
-        self, models: ModelTable, sinks: Iterable[RecordSink] = (), *, keep_text: bool = False
+        self,
+        models: ModelTable,
+        sinks: Iterable[RecordSink] = (),
+        *,
+        keep_text: bool = False,
+        schema_limits: SchemaLimits = LIMITS,
+        deadline_s: float | None = None,
     ):
         self.models = models
         self.sinks = list(sinks)
         self.keep_text = keep_text  # records carry the prompt and output (--log-prompts)
+        self.schema_limits = schema_limits  # what a client's JSON schema may ask of a grammar
+        self.deadline_s = deadline_s  # a request's life from its arrival (--request-timeout)
         self.live: set[Run] = set()  # submitted and not closed yet
         self._interrupted: Callable[[], EdgeLLMError] | None = None  # set once: refuse new runs
 
@@ -236,7 +244,7 @@ class Pipeline:
         try:
             model = self.models.resolve(request.model)
             record.model, record.version = model.model_id, model.version
-            plan, prompt = await asyncio.to_thread(_prompt, model, request)
+            plan, prompt = await asyncio.to_thread(_prompt, model, request, self.schema_limits)
             record.prompt_tokens = len(prompt)
             sampling = dataclasses.replace(
                 request.sampling, grammar=plan.grammar if plan is not None else None
@@ -304,7 +312,9 @@ def pipeline_of(request: HttpRequest) -> Pipeline:
     return pipeline
 
 
-def _prompt(model: ServedModel, request: GenerationRequest) -> tuple[ChatPlan | None, list[int]]:
+def _prompt(
+    model: ServedModel, request: GenerationRequest, limits: SchemaLimits
+) -> tuple[ChatPlan | None, list[int]]:
     """The plan (None for text prompts) and the prompt's tokens. Blocking: schema conversion,
     grammar check, rendering and tokenizing; runs in a worker thread."""
     given = request.input
@@ -322,8 +332,9 @@ def _prompt(model: ServedModel, request: GenerationRequest) -> tuple[ChatPlan | 
         given.messages,
         tools=given.tools,
         tool_choice=given.tool_choice,
-        grammar=fmt.grammar() if fmt is not None else None,
+        grammar=fmt.grammar(limits) if fmt is not None else None,
         grammar_param=fmt.param if fmt is not None else None,
+        schema_limits=limits,
         think=given.think,
         include_reasoning=given.include_reasoning,
         param=given.param,
@@ -343,8 +354,14 @@ async def _submit(
         raise
 
 
+class _DeadlinePassed(EdgeLLMError):
+    """Ends a request at the request timeout; never shown (the request finishes "length")."""
+
+
 class Run:
-    """One submitted request: its events, or its collected answer; `close` always ends it."""
+    """One submitted request: its events, or its collected answer; `close` always ends it.
+    At the pipeline's deadline it ends with the text generated so far, finish reason "length"
+    (as llama-server's time limit ends one): what every client already reads as cut short."""
 
     def __init__(
         self,
@@ -361,6 +378,16 @@ class Run:
         self.record = record
         self._closed = False
         self._last_token: float | None = None  # when the latest output token arrived
+        self._deadline: asyncio.TimerHandle | None = None
+        if pipeline.deadline_s is not None:  # counted from the request's arrival
+            left = record.started + pipeline.deadline_s - time.monotonic()
+            self._deadline = asyncio.get_running_loop().call_later(max(0.0, left), self._expire)
+
+    def _expire(self) -> None:
+        """The request timeout passed: the engine drops the request, its reader gets what was
+        generated, then a last output that `events` turns into finish reason "length"."""
+        log.info("request %s reached the request timeout", self.record.request_id)
+        self.stream.interrupt(_DeadlinePassed("the request timeout passed"))
 
     @property
     def include_reasoning(self) -> bool:
@@ -391,6 +418,8 @@ class Run:
         try:
             async for output in self.stream:
                 self._count(output)
+                if isinstance(output.error, _DeadlinePassed):  # ends as cut short: its text
+                    output = dataclasses.replace(output, error=None, finish_reason="length")
                 if output.error is not None:
                     error = output.error
                     if isinstance(error, OutputConstraintError) and plan is not None:
@@ -461,6 +490,8 @@ class Run:
             return
         self._closed = True
         self.pipeline.live.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.stream.abort()
         record = self.record
         if record.ended is None:

@@ -269,21 +269,53 @@ class OllamaError(Response):
     error: str
 
 
-def documented(model: type[BaseModel], stream_type: str | None = None) -> dict[int | str, Any]:
-    """`responses=` for a route: its JSON answer, and the media type of its stream (whose
-    events are the `*Chunk` / response models above, one per event)."""
+SSE = "text/event-stream"
+
+
+def documented(
+    model: type[BaseModel], stream_type: str | None = None, event: type[BaseModel] | None = None
+) -> dict[int | str, Any]:
+    """`responses=` for a route: its JSON answer, and the media type of its stream, whose
+    events are `event` (default: `model`), one per event. An SSE stream is described event by
+    event, as OpenAPI 3.1 tools read `text/event-stream` (schemathesis checks each event)."""
     content: dict[str, Any] = {"application/json": {}}
-    if stream_type is not None:
+    if stream_type == SSE:
+        content[SSE] = {"schema": _sse_event(event or model)}
+    elif stream_type is not None:  # NDJSON: one `event` per line (not described line by line)
         content[stream_type] = {"schema": {"type": "string"}}
     return {200: {"model": model, "content": content}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _sse_event(model: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event: its `data` is a `model` (or, once a stream failed, an error
+    object) as JSON, or the closing `[DONE]`."""
+    payload = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(model), _ref(OpenAIError)]},
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "data": {"anyOf": [{"const": "[DONE]"}, payload]},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
+    }
 
 
 def describe_errors(doc: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI document with each operation's errors as they are answered: FastAPI lists a
     422 validation error, but edgellm answers 400 (and 404, 413, 503, ...) in the envelope of
-    the route's API."""
+    the route's API. Also adds the schemas stream events refer to."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (OpenAIError, OllamaError):
+    for model in (OpenAIError, OllamaError, ChatCompletionChunk):  # the last: stream events
         found = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(found.pop("$defs", {}))
         schemas[model.__name__] = found

@@ -3,55 +3,25 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from edgellm.engine.request import MAX_LOGIT_BIAS
 from edgellm.errors import ValidationError
 from edgellm.tools import Tool
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1 << 24  # far beyond any context; the context check gives the real bound
-MAX_LOGIT_BIAS_ENTRIES = 1024
-MAX_MESSAGES = 4096
-MAX_CONTENT_PARTS = 1024  # text parts in one message
-MAX_TOOLS = 128
-MAX_TOOL_CALLS = 128  # in one message
-MAX_EMBED_INPUTS = 2048
-MAX_PROMPT_TOKEN_IDS = 1 << 20  # a prompt (or Ollama context) given as token ids
-_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
-def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
-    for token, bias in (value or {}).items():
-        if not _TOKEN_ID.fullmatch(token):
-            raise ValueError(f"keys are token ids (up to 10 ASCII digits), not {token[:20]!r}")
-        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-            raise ValueError(f"biases are between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
-    return value
-
-
-def check_stops(value: str | list[str] | None) -> str | list[str] | None:
-    stops = [value] if isinstance(value, str) else value or []
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
-    return value
-
-
-def json_argument(text: str) -> Any:
+def json_argument(text: str, max_depth: int) -> Any:
     """A JSON text from inside a request (tool-call arguments), bounded like a body."""
-    from edgellm.server.guard import MAX_JSON_DEPTH, check_json
+    from edgellm.server.guard import check_json
 
     try:
         value = json.loads(text or "{}")
-        check_json(value)
+        check_json(value, max_depth)
     except RecursionError:
-        raise ValueError(f"nests deeper than {MAX_JSON_DEPTH} levels") from None
+        raise ValueError(f"nests deeper than {max_depth} levels") from None
     except ValidationError as exc:
         raise ValueError(exc.message) from None
     return value
@@ -75,11 +45,11 @@ class FunctionCall(Wire):
     name: str = Field(min_length=1, max_length=256)
     arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; Ollama an object
 
-    def argument_dict(self, param: str) -> dict[str, Any]:
+    def argument_dict(self, param: str, max_depth: int) -> dict[str, Any]:
         if isinstance(self.arguments, dict):
             return self.arguments
         try:
-            value = json_argument(self.arguments)
+            value = json_argument(self.arguments, max_depth)
         except ValueError as exc:
             raise ValidationError(f"arguments must be a JSON object ({exc})", param=param) from None
         if not isinstance(value, dict):
@@ -95,11 +65,9 @@ class MessageToolCall(Wire):
 
 class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
-        None, validate_default=True
-    )
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
     name: str | None = Field(None, max_length=256)
-    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = Field(None, max_length=256)
 
     @field_validator("content")
@@ -174,10 +142,7 @@ class _SamplingFields(Wire):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="edgellm extension, for benchmarks")
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
-
-    _check_bias = field_validator("logit_bias")(check_logit_bias)
-    _check_stop = field_validator("stop")(check_stops)
+    logit_bias: dict[str, float] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -189,10 +154,10 @@ class _SamplingFields(Wire):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None
-    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; at most one call per turn is forced
     response_format: ResponseFormat | None = None
@@ -205,7 +170,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)
+    prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
     logprobs: int | None = None
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default here
@@ -217,9 +182,7 @@ class CompletionRequest(_SamplingFields):
 
 class EmbeddingRequest(Wire):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        min_length=1, max_length=MAX_PROMPT_TOKEN_IDS
-    )
+    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
