@@ -1,9 +1,12 @@
 """The audit log's writer: a thread that numbers, chains and stores records, off the hot path.
 
-The request path only calls `submit` (a queue put). The thread takes what has queued, up to
-`batch_max` records, and writes them in one transaction: BEGIN IMMEDIATE (the write lock),
-read the last record's seq and MAC, chain the batch onto it, insert, commit. Reading the tail
-inside the lock keeps one chain when several processes share the database.
+The request path only calls `submit` (a queue put). The thread waits for a record, lets
+`linger_s` (20 ms) pass so that those of the same moment join it, and writes what has queued,
+up to `batch_max` records, in one transaction: BEGIN IMMEDIATE (the write lock), read the last
+record's seq and MAC, chain the batch onto it, insert, commit. A commit's cost is mostly fixed
+(~0.45 ms of CPU on the dev box, the WAL's fsync included, vs ~45 us a record in a batch), so
+a busy server pays it once per batch, not per request. Reading the tail inside the lock keeps
+one chain when several processes share the database.
 
 When a write fails (disk full, the database locked past its busy timeout, an I/O error) the
 batch stays at the head, `failure` says why, and the thread retries with a growing pause
@@ -121,16 +124,19 @@ class AuditWriter:
         key: bytes,
         *,
         batch_max: int = 512,
+        linger_s: float = 0.02,
         retry_max_s: float = 2.0,
         backlog_max: int = 10_000,
         backlog_cap: int = 100_000,
     ):
-        """`connect` opens the database (in the writer thread); `backlog_max` records waiting
-        make the log unavailable too (the disk is too slow); past `backlog_cap` refusals
-        are dropped."""
+        """`connect` opens the database (in the writer thread); a batch is written `linger_s`
+        after its first record came (one commit, whose fsync costs ~0.5 ms of CPU here, for
+        all that came meanwhile); `backlog_max` records waiting make the log unavailable too
+        (the disk is too slow); past `backlog_cap` refusals are dropped."""
         self.connect = connect  # a seam: tests give one that fails
         self._key = key
         self.batch_max = batch_max
+        self.linger_s = linger_s
         self.retry_max_s = retry_max_s
         self.backlog_max = backlog_max
         self.backlog_cap = backlog_cap
@@ -199,7 +205,10 @@ class AuditWriter:
         pause = 0.01
         try:
             while not (stopping and not batch) and not self._stop.is_set():
-                stopping = self._take(batch, wait=not batch and not stopping) or stopping
+                if batch or stopping:  # retrying, or writing the last ones: take no pause
+                    stopping = self._take(batch, wait=False) or stopping
+                else:
+                    stopping = self._gather(batch)
                 if not batch:
                     continue
                 try:
@@ -217,6 +226,15 @@ class AuditWriter:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _gather(self, batch: list[dict[str, Any]]) -> bool:
+        """Wait for a record, then `linger_s` for those of the same moment; returns whether
+        the stop marker came."""
+        if self._take(batch, wait=True):
+            return True
+        if self.linger_s > 0:
+            self._stop.wait(self.linger_s)
+        return self._take(batch, wait=False)
 
     def _take(self, batch: list[dict[str, Any]], *, wait: bool) -> bool:
         """Move queued records into `batch` (blocking for the first when `wait`), up to
