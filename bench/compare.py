@@ -54,6 +54,26 @@ class Server:
     body: dict[str, Any]  # how this server is told to ignore EOS
     port: int = field(default_factory=free_port)
     env: dict[str, str] | None = None  # the process's environment, when not ours
+    api_key: str | None = None  # sent with every request
+
+
+def _edgellm_with_keys(name: str, model: Path, port: int, args: argparse.Namespace) -> Server:
+    """edgellm-secure: API keys on (one user key with quotas far above the load, so each
+    request is checked and counted), the audit log on; edgellm-open: no key, no audit log.
+    Each gets a data directory of its own."""
+    home = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    env = {**os.environ, "EDGELLM_HOME": str(home)}
+    argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
+    argv += ["--ctx", str(args.ctx), "--parallel", str(args.parallel)]
+    argv += ["--threads", str(args.threads), *shlex.split(args.edgellm_args)]
+    if name == "edgellm-open":
+        return Server(name, [*argv, "--no-audit"], {"ignore_eos": True}, port, env)
+    create = [sys.executable, "-m", "edgellm.cli", "keys", "create", "--name", "bench"]
+    create += ["--role", "user", "--rpm", "1000000", "--tpm", "1000000000"]
+    create += ["--max-concurrent", "10000", "--json"]
+    made = subprocess.run(create, env=env, capture_output=True, text=True, check=True)
+    key = str(json.loads(made.stdout)["key"])
+    return Server(name, argv, {"ignore_eos": True}, port, env, api_key=key)
 
 
 def llama_server_binary() -> str:
@@ -67,6 +87,8 @@ def llama_server_binary() -> str:
 def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     common = {"threads": str(args.threads), "ctx": str(args.ctx), "np": str(args.parallel)}
+    if name in ("edgellm-secure", "edgellm-open"):
+        return _edgellm_with_keys(name, model, port, args)
     if name in ("edgellm", "edgellm-nocache", "edgellm-nometrics", "edgellm-baseline"):
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
@@ -125,6 +147,8 @@ class Running:
 
     def _ready(self) -> bool:
         """edgellm has /ready, llama-server /health (503 while loading); then /v1/models."""
+        key = self.server.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             for path in ("/ready", "/health"):
                 status = httpx.get(self.base + path, timeout=1).status_code
@@ -132,7 +156,7 @@ class Running:
                     return False
                 if status == 200:
                     break
-            models = httpx.get(self.base + "/v1/models", timeout=1)
+            models = httpx.get(self.base + "/v1/models", timeout=1, headers=headers)
             if models.status_code != 200:
                 return False
             self.model_name = str(models.json()["data"][0]["id"])
@@ -178,6 +202,7 @@ def measure(running: Running, workload: Workload, concurrency: int) -> LevelResu
         concurrency=concurrency,
         warmup=1,
         body={"temperature": 0.0, **server.body},
+        api_key=server.api_key,
     )
     return asyncio.run(run_level(workload, cfg))
 
