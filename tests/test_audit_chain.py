@@ -9,7 +9,9 @@ import csv
 import io
 import itertools
 import json
+import os
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from edgellm.audit.key import KEY_FILE, load_or_create_key
 from edgellm.audit.writer import AuditEntry, AuditWriter
 from edgellm.cli.main import app
 from edgellm.store import open_db
+from tests.conftest import EDGELLM
 
 N = 8  # records in each test log
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
@@ -321,3 +324,28 @@ def test_the_key_is_made_private_once(home: Path) -> None:
     assert made and not made_again and key == again and len(key) == 32
     assert path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in home.iterdir()] == [KEY_FILE]  # no temporary file left
+
+
+def test_tail_follow_prints_new_records_as_they_come(
+    log: tuple[sqlite3.Connection, bytes], home: Path
+) -> None:
+    follower = subprocess.Popen(
+        [*EDGELLM, "audit", "tail", "-n", "1", "--follow"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EDGELLM_HOME": str(home)},
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline().startswith(f"{N} ")
+        _, key = log
+        writer = AuditWriter(lambda: open_db(home / "edgellm.db"), key, linger_s=0)
+        writer.start()
+        writer.submit(entry(N + 1))
+        assert writer.close() == 0
+        assert follower.stdout.readline().startswith(f"{N + 1} ")  # within its 0.5 s poll
+    finally:
+        follower.kill()
+        follower.wait()
+        if follower.stdout is not None:
+            follower.stdout.close()
