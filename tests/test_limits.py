@@ -104,6 +104,7 @@ PAST = [
         "messages[0].content",
     ),
     ("prompt chars", "/v1/completions", {"model": MODEL, "prompt": "a" * 51}, "prompt"),
+    ("prompt chars", "/v1/completions", {"model": MODEL, "prompt": ["a" * 51]}, "prompt[0]"),
     ("prompt chars", "/api/generate", generate(prompt="a" * 51), "prompt"),
     ("system chars", "/api/generate", generate(system="a" * 51), "system"),
     ("request chars", CHAT, chat(messages=[user("a" * 41), user("a" * 40)]), "messages"),

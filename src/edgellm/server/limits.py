@@ -209,10 +209,8 @@ def check_completion(body: CompletionRequest, limits: Limits) -> None:
         _Chars(limits, "prompt").add(len(prompt), "prompt")
     elif prompt and isinstance(prompt[0], int):
         _token_ids(prompt, limits, "prompt")
-    else:
-        chars = _Chars(limits, "prompt")
-        for i, text in enumerate(prompt):
-            chars.add(len(text) if isinstance(text, str) else 0, f"prompt[{i}]")
+    elif len(prompt) == 1 and isinstance(prompt[0], str):  # more are refused by the route
+        _Chars(limits, "prompt").add(len(prompt[0]), "prompt[0]")
     _stops(body.stop, limits, "stop")
     _logit_bias(body.logit_bias, limits, "logit_bias")
 
