@@ -24,6 +24,20 @@ from edgellm.modelfile import default_model_path
 EDGELLM = [sys.executable, "-m", "edgellm.cli"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def edgellm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The data directory (API keys, the audit log and its key) of every test and of every
+    server the tests start (they inherit the environment): never ~/.local/share/edgellm."""
+    home = tmp_path_factory.mktemp("edgellm-home")
+    previous = os.environ.get("EDGELLM_HOME")
+    os.environ["EDGELLM_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("EDGELLM_HOME", None)
+    else:
+        os.environ["EDGELLM_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     path = default_model_path()

@@ -21,12 +21,13 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Engine, RunnerOutput, SchedulerConfig, SchedulerOutput
 from edgellm.modelfile import ModelInfo, default_model_path, inspect_gguf
 from edgellm.server import create_app
-from edgellm.server.keys import KeyStore
+from edgellm.server.keys import KeyStore, Principal
 from edgellm.server.models import ServedModel
 from edgellm.server.pipeline import Record, RecordSink
 from edgellm.settings import ServerSettings
@@ -136,3 +137,20 @@ async def scripted_server(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             yield ScriptedServer(app, client, runner, model, records)
+
+
+def as_keys(app: FastAPI, principals: dict[str, Principal]) -> None:
+    """Make `app` take these bearer keys as the key check would: the principal of the key a
+    request carries goes into its scope (outermost, before the app's own middleware runs)."""
+    inner = app.middleware_stack or app.build_middleware_stack()
+
+    async def keyed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                if name == b"authorization" and value.startswith(b"Bearer "):
+                    principal = principals.get(value[7:].decode())
+                    if principal is not None:
+                        scope.setdefault("state", {})["principal"] = principal
+        await inner(scope, receive, send)
+
+    app.middleware_stack = keyed  # type: ignore[assignment]

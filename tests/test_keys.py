@@ -76,15 +76,27 @@ async def keyed_server(
         yield srv
 
 
-async def test_no_active_key_means_no_auth(tmp_path: Path) -> None:
+async def test_no_key_ever_made_means_no_auth(tmp_path: Path) -> None:
     store = KeyStore.open(tmp_path / "edgellm.db")
-    store.create(spec("old", expires="2000-01-01"))  # expired: not active
     try:
         async with keyed_server(store) as srv:
             assert (await srv.client.get("/v1/models")).status_code == 200
             assert (await srv.chat()).status_code == 200
             ready = (await srv.client.get("/ready")).json()
             assert ready["status"] == "ready" and MODEL in ready["models"]
+            assert srv.records[-1].key is None
+    finally:
+        store.close()
+
+
+async def test_only_expired_keys_left_keeps_auth_on(tmp_path: Path) -> None:
+    """Auth fails closed: outliving (or revoking) the last key refuses everyone."""
+    store = KeyStore.open(tmp_path / "edgellm.db")
+    store.create(spec("old", expires="2000-01-01"))  # expired: not active
+    try:
+        async with keyed_server(store) as srv:
+            assert (await srv.client.get("/v1/models")).status_code == 401
+            assert (await srv.chat()).status_code == 401
     finally:
         store.close()
 
@@ -243,6 +255,17 @@ async def test_a_scoped_key_sees_and_uses_only_its_models(keys: Keys) -> None:
             await asyncio.to_thread(srv.app.state.models.lookup("other-model").engine.shutdown)
 
 
+async def test_records_name_the_key_also_when_refused(keys: Keys) -> None:
+    async with keyed_server(keys.store) as srv:
+        assert (await srv.chat(headers=bearer(keys.scoped))).status_code == 200
+        assert (await srv.chat(headers=bearer(keys.other))).status_code == 403
+        assert (await srv.chat(headers=bearer(keys.metrics))).status_code == 403
+        assert (await srv.chat()).status_code == 401
+        seen = [(r.key, r.role, r.status) for r in srv.records]
+        assert seen == [("bob", "user", 200), ("carol", "user", 403), ("prom", "metrics", 403),
+                        (None, None, 401)]  # fmt: skip
+
+
 async def test_keys_made_and_revoked_elsewhere_count_within_a_second(tmp_path: Path) -> None:
     path = tmp_path / "edgellm.db"
     cli, served = KeyStore.open(path), KeyStore.open(path)  # `edgellm keys`, and the server's
@@ -270,6 +293,7 @@ async def test_the_api_key_flag_works_beside_stored_keys(keys: Keys) -> None:
     async with keyed_server(keys.store, ServerSettings(api_key="s3cret")) as srv:
         assert (await srv.client.get("/metrics", headers=bearer("s3cret"))).status_code == 200
         assert (await srv.chat(headers=bearer("s3cret"))).status_code == 200
+        assert srv.records[-1].key == "api-key" and srv.records[-1].role == "admin"
         assert (await srv.client.get("/v1/models", headers=bearer(keys.user))).status_code == 200
 
 
@@ -284,7 +308,7 @@ async def test_start_up_says_whether_auth_is_on(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auth:")]
     assert lines == [
         "auth: enforced (5 active keys)",
-        "auth: off (no active API key, no --api-key): every request is served",
+        "auth: off (no API key made, no --api-key): every request is served",
     ]
 
 
@@ -357,7 +381,7 @@ def test_the_ring_looks_keys_up_and_reloads_only_when_due(tmp_path: Path) -> Non
         with pytest.raises(AuthError, match="not valid") as raised:  # as an unknown key
             ring.authenticate(alice.encode())
         assert raised.value.code == "invalid_api_key"
-        assert not ring.enforced  # the last active key is gone
+        assert ring.enforced and ring.active == 0  # the last active key is gone: closed
     finally:
         writer.close()
         reader.close()
@@ -368,7 +392,7 @@ def test_expired_keys_say_so_and_do_not_count_as_active(tmp_path: Path) -> None:
     try:
         old, _ = store.create(spec("old", expires="2000-01-01"))
         ring = KeyRing(store)
-        assert not ring.enforced and ring.active == 0
+        assert ring.enforced and ring.active == 0  # an expired key counts for auth, not as active
         with pytest.raises(AuthError, match="expired") as raised:
             ring.authenticate(old.encode())
         assert raised.value.code == "expired_api_key"
@@ -400,7 +424,7 @@ def test_a_database_that_cannot_be_read_keeps_the_keys_there_were(
     assert sum("cannot read the API keys" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_losing_the_last_active_key_is_a_warning(
+def test_losing_the_last_active_key_keeps_auth_on_and_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = KeyStore.open(tmp_path / "edgellm.db")
@@ -414,9 +438,8 @@ def test_losing_the_last_active_key_is_a_warning(
         clock.now += 1
         with caplog.at_level(logging.INFO, logger="edgellm.server"):
             ring.refresh()
-        assert not ring.enforced
-        assert [r.levelname for r in caplog.records if "auth is off" in r.getMessage()] == [
-            "WARNING"
-        ]
+        assert ring.enforced  # fails closed: a revoked last key must not open the server
+        warned = [r.levelname for r in caplog.records if "no active API key" in r.getMessage()]
+        assert warned == ["WARNING"]
     finally:
         store.close()

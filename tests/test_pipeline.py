@@ -4,6 +4,8 @@ ends, the model table changing while serving, queue-full answers, a broken recor
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 
 import pytest
@@ -218,3 +220,25 @@ async def test_a_dead_engine_fails_everyone_fast_and_says_so(
     # the server's log has the cause once, with its traceback
     tracebacks = [r for r in caplog.records if r.exc_info and "backend broke" in str(r.exc_info[1])]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+
+
+async def test_records_name_the_key_and_hash_input_and_output() -> None:
+    async with scripted_server(ServerSettings(api_key="sk-one")) as srv:
+        headers = {"Authorization": "Bearer sk-one"}
+        answer = await srv.chat(headers=headers)
+        streamed = await srv.chat(headers=headers, stream=True)
+        refused = await srv.chat(headers=headers, temperature=7)
+    assert (answer.status_code, streamed.status_code, refused.status_code) == (200, 200, 400)
+    plain, stream, wire = srv.records
+    text = answer.json()["choices"][0]["message"]["content"]
+    assert plain.output_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    pieces = [
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert stream.output_sha256 == hashlib.sha256("".join(pieces).encode()).hexdigest()
+    assert plain.input_sha256 == stream.input_sha256 and len(plain.input_sha256 or "") == 64
+    for record in (plain, stream, wire):
+        assert (record.key, record.role) == ("api-key", "admin")
+    assert wire.input_sha256 is None and wire.output_sha256 is None

@@ -17,6 +17,7 @@
     ├── NotReady                      503  model still loading
     ├── Draining                      503  shutting down: no new requests; carries Retry-After
     │   └── DrainTimeout              503  cut off when the drain's timeout passed
+    ├── AuditUnavailable              503  the audit log cannot be written; carries Retry-After
     ├── ModelFileError                -    a model file that must not reach llama.cpp (CLI)
     └── EngineError                   500  internal; the message is ours, shown in streams
         └── EngineDown                503  the engine stopped; restart the process
@@ -196,6 +197,18 @@ class DrainTimeout(Draining):
     """A request the drain cut off when its timeout passed: a failure, not a refusal."""
 
     rejection: str | None = None
+
+
+class AuditUnavailable(_TryLater):
+    """The audit log cannot be written (disk full, database locked): with --audit-required the
+    server takes no new requests until it can again (what it took is still recorded)."""
+
+    rejection = "audit_unavailable"
+    status_code = 503
+    error_type = "server_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, retry_after_s=retry_after_s, code="audit_unavailable")
 
 
 class NotReady(EdgeLLMError):

@@ -16,6 +16,7 @@ from starlette.types import Scope
 from edgellm import __version__
 from edgellm.engine.engine import describe
 from edgellm.errors import EdgeLLMError
+from edgellm.server.audit import AuditMiddleware, AuditTrail
 from edgellm.server.auth import KeyAuth
 from edgellm.server.drain import Drain, DrainGate
 from edgellm.server.errors import install_error_handlers
@@ -29,6 +30,7 @@ from edgellm.server.models import ModelTable, ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
 from edgellm.server.pipeline import GENERATION_ROUTES, Pipeline, RecordSink
+from edgellm.server.quotas import QuotaGate, Quotas
 from edgellm.server.request_id import RequestIds, client_of, request_id_of
 from edgellm.server.responses import describe_errors
 from edgellm.settings import ServerSettings
@@ -51,11 +53,15 @@ def create_app(
         for model in started:
             model.engine.start(loop)
         app.state.keys.announce()  # whether auth is on, and with how many keys
+        if audit is not None:
+            audit.start()
         try:
             yield
         finally:
             for model in started:
                 await asyncio.to_thread(model.engine.shutdown)
+            if audit is not None:  # after the engines: the last records are in
+                await asyncio.to_thread(audit.close)
 
     table = ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
@@ -73,11 +79,21 @@ def create_app(
             return Response(metrics.exposition(), media_type=METRICS_TYPE)
 
         app.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False)
-    sinks = [RequestLog(with_text=settings.log_prompts), *sinks]
+    app.state.audit = audit = (
+        AuditTrail.open(required=settings.audit_required, with_text=settings.audit_text)
+        if settings.audit
+        else None
+    )
+    if audit is not None:
+        sinks = [*sinks, audit.record]
+        app.state.error_observers.append(audit.on_error)
+    app.state.quotas = quotas = Quotas()
+    sinks = [RequestLog(with_text=settings.log_prompts), quotas.observe, *sinks]
     app.state.pipeline = pipeline = Pipeline(
         table,
         sinks,
-        keep_text=settings.log_prompts,
+        keep_text=settings.log_prompts or settings.audit_text,
+        cache_scope=settings.prefix_cache_scope,
         schema_limits=app.state.limits.grammar,
         deadline_s=settings.request_timeout,
     )
@@ -86,7 +102,7 @@ def create_app(
         """Generation requests refused before the pipeline get their record too."""
         path = scope.get("path", "")
         if path in GENERATION_ROUTES and not recorded:
-            pipeline.refused(path, exc, request_id_of(scope), client_of(scope))
+            pipeline.refused(path, exc, request_id_of(scope), client_of(scope), principal_of(scope))
 
     app.state.error_observers.append(record_refusal)
     app.state.drain = Drain(app.state.pipeline)
@@ -141,6 +157,9 @@ async def ready(request: Request) -> JSONResponse:
             body["models"][model.model_id] = {"status": "ready", **describe(engine.stats())}
     if drain.draining:
         status, body["in_flight"] = "draining", drain.in_flight
+    audit: AuditTrail | None = request.app.state.audit
+    if audit is not None and not audit.accepting:  # requests are refused: send them elsewhere
+        status, body["audit"] = "error", "unavailable"
     body["status"] = status
     keys: KeyRing = request.app.state.keys
     if keys.enforced and principal_of(request.scope) is None:
@@ -152,6 +171,7 @@ def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
     """Outermost last: request ids, the guard, then CORS (preflights carry no key), the key
     check, then the drain gate."""
     app.add_middleware(DrainGate, drain=app.state.drain)
+    app.add_middleware(QuotaGate, quotas=app.state.quotas)  # inside the key check: its principal
     app.add_middleware(KeyAuth, ring=app.state.keys, metrics_public=settings.metrics_public)
     if settings.allowed_origins:
         app.add_middleware(
@@ -171,6 +191,8 @@ def _add_middleware(app: FastAPI, settings: ServerSettings) -> None:
         max_json_objects=settings.max_json_objects,
     )
     app.add_middleware(RequestGuard, policy=policy)
+    if app.state.audit is not None:  # sees every answer, the guard's and the key check's too
+        app.add_middleware(AuditMiddleware, trail=app.state.audit)
     app.add_middleware(RequestIds)  # outermost: every answer carries X-Request-Id
 
 

@@ -110,7 +110,7 @@ class KeyRing:
     def describe(self) -> str:
         """One line for the log: whether auth is enforced, and by which keys."""
         if not self.enforced:
-            return "auth: off (no active API key, no --api-key): every request is served"
+            return "auth: off (no API key made, no --api-key): every request is served"
         keys = f"{self.active} active key{'s' if self.active != 1 else ''}"
         return f"auth: enforced ({keys}{', and --api-key' if self._api_digest else ''})"
 
@@ -147,14 +147,16 @@ class KeyRing:
         self._entries, self._by_prefix = entries, by_prefix
 
     def _count(self, today: date) -> None:
-        """Count the active keys; a change after the first count is logged."""
+        """Count the active keys; a change after the first count is logged. Auth fails
+        closed: once the store holds a key, revoked and expired ones included, it stays on,
+        so revoking the last (leaked) key shuts the server rather than opening it."""
         was = (self.enforced, self.active)
         self.active = sum(1 for e in self._entries if e.info.state(today) == "active")
-        self.enforced = self._api_digest is not None or self.active > 0
+        self.enforced = self._api_digest is not None or bool(self._entries)
         if not self._counted:
             self._counted = True  # the first count: serve's start-up line says it
-        elif was[0] and not self.enforced:
-            log.warning("no active API key is left: auth is off, every request is served")
+        elif was[0] and self.enforced and self.active == 0 and self._api_digest is None:
+            log.warning("no active API key is left: every request is refused until one is made")
         elif was != (self.enforced, self.active):
             log.info("%s", self.describe())
 

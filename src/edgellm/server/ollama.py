@@ -241,6 +241,7 @@ def _generation(
         prefix=prefix or [],
         request_id=request_id_of(request.scope),
         client=client_of(request.scope),
+        principal=principal_of(request.scope),
     )
 
 

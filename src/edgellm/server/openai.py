@@ -145,6 +145,7 @@ def _generation(
         stream=body.stream,
         request_id=request_id_of(request.scope),
         client=client_of(request.scope),
+        principal=principal_of(request.scope),
     )
 
 

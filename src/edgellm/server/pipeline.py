@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from edgellm.errors import ContextOverflow, EdgeLLMError, EngineError, OutputCon
 from edgellm.reasoning import ReasoningSplitter
 from edgellm.server.disconnect import unless_disconnected
 from edgellm.server.errors import mark_recorded
+from edgellm.server.keys import Principal
 from edgellm.server.models import ChatPlan, ModelTable, ServedModel
 from edgellm.structured import LIMITS, SchemaLimits, json_object_grammar, schema_grammar
 from edgellm.tools import Tool, ToolCall, ToolCallScanner
@@ -98,6 +100,7 @@ class GenerationRequest:
     prefix_param: str = "context"
     request_id: str | None = None  # the client-facing id (X-Request-Id); None: a new one
     client: str | None = None  # the peer's "host:port", for logs
+    principal: Principal | None = None  # who asks (its API key); None when auth is off
 
 
 def sampling_params(
@@ -150,6 +153,8 @@ class Record:
     stream: bool
     version: str = ""  # the served model's version (its file's SHA-256 prefix), once resolved
     client: str | None = None  # the peer's "host:port"
+    key: str | None = None  # the name of the API key it came with (never the key)
+    role: str | None = None  # that key's role
     started: float = field(default_factory=time.monotonic)  # monotonic seconds: arrived
     created: float = field(default_factory=time.time)  # wall clock, for logs
     submitted: float | None = None  # rendered, tokenized and queued in the engine
@@ -167,6 +172,8 @@ class Record:
     token_gaps: list[float] = field(default_factory=list)  # seconds between output tokens
     prompt: Any = None  # the messages or prompt as given; only when the pipeline keeps text
     output: str | None = None  # the text generated (reasoning first); only when kept
+    input_sha256: str | None = None  # of the prompt's token ids, once tokenized (`ids_digest`)
+    output_sha256: str | None = None  # of the text the client got, in order, UTF-8
 
     @property
     def ttft_s(self) -> float | None:
@@ -178,6 +185,12 @@ class Record:
 
 
 RecordSink = Callable[[Record], None]
+
+
+def ids_digest(ids: list[int]) -> str:
+    """SHA-256 hex of token ids written as decimal numbers joined by "," (what the model read:
+    the rendered prompt, Ollama's context ids included)."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
 
 @dataclass(slots=True)
@@ -220,12 +233,14 @@ class Pipeline:
         sinks: Iterable[RecordSink] = (),
         *,
         keep_text: bool = False,
+        cache_scope: Literal["key", "global"] = "key",
         schema_limits: SchemaLimits = LIMITS,
         deadline_s: float | None = None,
     ):
         self.models = models
         self.sinks = list(sinks)
         self.keep_text = keep_text  # records carry the prompt and output (--log-prompts)
+        self.cache_scope = cache_scope  # key: one API key never reuses another's cached cells
         self.schema_limits = schema_limits  # what a client's JSON schema may ask of a grammar
         self.deadline_s = deadline_s  # a request's life from its arrival (--request-timeout)
         self.live: set[Run] = set()  # submitted and not closed yet
@@ -237,15 +252,18 @@ class Pipeline:
         record = Record(
             ident, request.api, request.route, request.model, request.stream, client=request.client
         )
+        if request.principal is not None:
+            record.key, record.role = request.principal.name, request.principal.role
         if self.keep_text:
             given = request.input
             record.prompt = given.messages if isinstance(given, ChatInput) else given.prompt
             record.output = ""
         try:
-            model = self.models.resolve(request.model)
+            model = self.models.resolve(request.model, request.principal)
             record.model, record.version = model.model_id, model.version
             plan, prompt = await asyncio.to_thread(_prompt, model, request, self.schema_limits)
             record.prompt_tokens = len(prompt)
+            record.input_sha256 = ids_digest(prompt)
             sampling = dataclasses.replace(
                 request.sampling, grammar=plan.grammar if plan is not None else None
             )
@@ -254,6 +272,10 @@ class Pipeline:
             engine_request = model.make_request(
                 prompt, sampling, request.max_tokens, param, request.n_ctx
             )
+            if request.principal is not None:
+                engine_request.tenant = request.principal.name
+                if self.cache_scope == "key":
+                    engine_request.cache_scope = request.principal.name
             stream = await _submit(model, engine_request, param)
             if self._interrupted is not None:  # it was being prepared when the drain ended
                 stream.abort()
@@ -275,11 +297,18 @@ class Pipeline:
             run.stream.interrupt(error())
 
     def refused(
-        self, route: str, exc: EdgeLLMError, request_id: str, client: str | None = None
+        self,
+        route: str,
+        exc: EdgeLLMError,
+        request_id: str,
+        client: str | None = None,
+        principal: Principal | None = None,
     ) -> None:
         """Record a generation request refused before it reached the pipeline (`route` one of
         GENERATION_ROUTES): its model is unknown, its body having been refused."""
         record = Record(request_id, GENERATION_ROUTES[route], route, "", False, client=client)
+        if principal is not None:
+            record.key, record.role = principal.name, principal.role
         record.ended = record.started
         self.record_failure(record, exc)
 
@@ -378,6 +407,7 @@ class Run:
         self.record = record
         self._closed = False
         self._last_token: float | None = None  # when the latest output token arrived
+        self._digest = hashlib.sha256()  # of the text given to the client so far
         self._deadline: asyncio.TimerHandle | None = None
         if pipeline.deadline_s is not None:  # counted from the request's arrival
             left = record.started + pipeline.deadline_s - time.monotonic()
@@ -436,6 +466,7 @@ class Run:
                 if plan is not None and not plan.include_reasoning:
                     reasoning = ""
                 if reasoning or content:
+                    self._digest.update((reasoning + content).encode())
                     if record.output is not None:
                         record.output += reasoning + content
                     yield Piece(reasoning, content)
@@ -494,6 +525,7 @@ class Run:
             self._deadline.cancel()
         self.stream.abort()
         record = self.record
+        record.output_sha256 = self._digest.hexdigest()
         if record.ended is None:
             record.ended = time.monotonic()
         if error is not None:
