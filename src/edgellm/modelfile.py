@@ -39,6 +39,7 @@ class ModelInfo:
     eos_token: str  # text of the EOS token, for templates ("" if none)
     n_tensors: int
     size_bytes: int
+    n_params: int = 0  # weights, summed over the tensors
     metadata: dict[str, Any] = field(default_factory=dict)  # scalar and string fields only
 
 
@@ -117,8 +118,20 @@ def _inspect(path: Path, size: int, _mtime_ns: int, _inode: int) -> ModelInfo:
         eos_token=_token_text(tokens, meta.get("tokenizer.ggml.eos_token_id")),
         n_tensors=len(reader.tensors),
         size_bytes=size,
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
         metadata=meta,
     )
+
+
+def file_type_name(metadata: dict[str, Any]) -> str | None:
+    """The weights' type as llama.cpp names it (`Q4_K_M`, `F16`), from general.file_type."""
+    import gguf
+
+    code = metadata.get("general.file_type")
+    try:
+        return gguf.LlamaFileType(code).name.removeprefix("MOSTLY_") if code is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _read(path: Path) -> Any:

@@ -96,6 +96,59 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX audit_log_time ON audit_log (time);
         """,
     ),
+    Migration(
+        "0003_model_registry",
+        """
+        -- the model registry (edgellm.registry): names, their versions, and tags on versions
+        CREATE TABLE models (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,      -- what clients send as `model` (before the colon)
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE versions (
+            id INTEGER PRIMARY KEY,
+            model_id INTEGER NOT NULL REFERENCES models (id),
+            sha256 TEXT NOT NULL,           -- of the plain GGUF: the version's identity
+            size INTEGER NOT NULL,          -- bytes of the plain GGUF
+            format TEXT NOT NULL,           -- gguf
+            architecture TEXT,              -- general.architecture
+            parameters INTEGER,             -- weights, counted over the tensors
+            file_type TEXT,                 -- quantization, e.g. Q4_K_M (general.file_type)
+            context_length INTEGER,         -- trained context
+            template_sha256 TEXT,           -- of tokenizer.chat_template
+            parent_sha256 TEXT,             -- the file it was made from; NULL: unknown
+            operation TEXT NOT NULL,        -- how it was made: quantize, convert, external, ...
+            operation_params TEXT NOT NULL, -- JSON: that operation's parameters
+            source TEXT,                    -- where it came from: a path, URL, hf://, ollama://
+            evals TEXT NOT NULL,            -- JSON list: evaluations (edgellm eval), oldest first
+            gates TEXT NOT NULL,            -- JSON list: gate verdicts on them
+            params TEXT NOT NULL,           -- JSON: serving defaults (edgellm models set)
+            encrypted INTEGER NOT NULL,     -- 1: the blob is AES-256-GCM encrypted
+            blob TEXT NOT NULL,             -- file name in the blob directory, or an absolute
+                                            -- path for a file registered in place
+            created_at TEXT NOT NULL,
+            removed_at TEXT,                -- set by gc: its blob is gone, its row stays for lineage
+            UNIQUE (model_id, sha256)
+        );
+        CREATE INDEX versions_sha256 ON versions (sha256);
+        CREATE TABLE tags (
+            model_id INTEGER NOT NULL REFERENCES models (id),
+            tag TEXT NOT NULL,
+            version_id INTEGER NOT NULL REFERENCES versions (id),
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (model_id, tag)
+        );
+        CREATE TABLE tag_history (         -- every move of a tag, oldest first
+            id INTEGER PRIMARY KEY,
+            model_id INTEGER NOT NULL REFERENCES models (id),
+            tag TEXT NOT NULL,
+            version_id INTEGER REFERENCES versions (id),  -- where it points now; NULL: removed
+            previous_id INTEGER REFERENCES versions (id), -- where it pointed before; NULL: new
+            operation TEXT NOT NULL,        -- add, pull, tag, rm, promote, rollback, ...
+            at TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 _LEDGER = """

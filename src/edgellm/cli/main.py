@@ -13,6 +13,7 @@ from edgellm.cli import (
     chat_command,
     compress,
     keys_command,
+    models_command,
     plan,
     serve,
     tls_command,
@@ -50,6 +51,7 @@ app.command()(compress.quantize)
 app.command(name="eval")(compress.evaluate)
 app.command()(plan.plan)
 app.add_typer(keys_command.app)
+app.add_typer(models_command.app)
 app.add_typer(tls_command.app)
 app.add_typer(audit_command.app)
 

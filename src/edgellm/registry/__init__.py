@@ -1,0 +1,418 @@
+"""The model registry: named, tagged, versioned GGUF files under `$EDGELLM_HOME/models/`, with
+their lineage, evaluations and serving defaults in the database the key store and the audit
+log share (edgellm.store, migration 0003_model_registry).
+
+    reg = Registry.open()
+    version = reg.add_file(Path("m.Q4_K_M.gguf"), "smollm2:q4")   # checked, hashed, stored
+    reg.resolve("smollm2:q4").blob                                 # the file that serves it
+
+Adding is all or nothing: the file is checked (edgellm.modelfile), hashed, written to its blob
+(temporary name, fsync, rename; or hard-linked, or encrypted) and only then, in one
+transaction, recorded with its tag. A crash or a full disk at any point leaves either nothing
+or the whole version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import EdgeLLMError, ModelFileError, ValidationError
+from edgellm.home import home_dir
+from edgellm.modelfile import ModelInfo, file_type_name, inspect_gguf
+from edgellm.registry import blobs
+from edgellm.registry.catalog import (
+    DEFAULT_KEEP,
+    DEFAULT_TAG,
+    VERSION_CHARS,
+    Catalog,
+    TagMove,
+    Version,
+    parse_ref,
+)
+from edgellm.store import open_db
+
+__all__ = [
+    "DEFAULT_KEEP",
+    "DEFAULT_TAG",
+    "VERSION_CHARS",
+    "GcReport",
+    "Registry",
+    "TagMove",
+    "VerifyResult",
+    "Version",
+    "parse_ref",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    versions: list[str]  # name@short of the versions removed
+    blobs: int  # blob files deleted
+    bytes: int  # bytes freed
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    version: Version
+    problem: str | None  # None: the blob holds exactly its bytes
+
+
+class Registry:
+    """The registry of one data directory. Open, use, close (or `with`)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.root = home / "models"
+        self.blob_dir = self.root / "blobs"
+        self.partial_dir = self.root / "partial"  # downloads in progress (edgellm.registry.pull)
+        for directory in (self.root, self.blob_dir, self.partial_dir):
+            directory.mkdir(mode=0o700, exist_ok=True)
+        self.catalog = Catalog(open_db(home / "edgellm.db"), self.blob_dir)
+
+    @classmethod
+    def open(cls, home: Path | None = None) -> Registry:
+        return cls(home or home_dir())
+
+    def close(self) -> None:
+        self.catalog.conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading
+
+    def resolve(self, ref: str) -> Version:
+        return self.catalog.resolve(ref)
+
+    def tags(self) -> list[tuple[str, Version]]:
+        return self.catalog.tags()
+
+    def versions(self, name: str | None = None, *, removed: bool = False) -> list[Version]:
+        where = "1" if removed else "v.removed_at IS NULL"
+        if name is None:
+            return self.catalog.versions(where)
+        return self.catalog.versions(f"m.name = ? AND {where}", (name,))
+
+    def find_version(self, name: str, spec: str) -> Version:
+        return self.catalog.find_version(name, spec)
+
+    def history(self, name: str) -> list[TagMove]:
+        return self.catalog.history(name)
+
+    def lineage(self, version: Version) -> list[Version | str]:
+        return self.catalog.lineage(version)
+
+    def by_sha256(self, sha256: str) -> list[Version]:
+        return self.catalog.versions("v.sha256 = ? AND v.removed_at IS NULL", (sha256,))
+
+    # -- adding
+
+    def add_file(
+        self,
+        path: Path,
+        ref: str,
+        *,
+        link: bool = False,
+        in_place: bool = False,
+        move: bool = False,
+        encrypt_key: bytes | None = None,
+        source: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        operation: tuple[str, dict[str, Any]] | None = None,
+        parent_sha256: str | None = None,
+        progress: bool = False,
+        sha256: str | None = None,
+    ) -> Version:
+        """Register the GGUF at `path` as `ref` (name[:tag]) and point the tag at it.
+
+        `link`: hard-link instead of copying when the filesystem allows (else copy, or with
+        `in_place` register the file where it is);
+        `move`: the file is the registry's own download: rename it in and remove it;
+        `encrypt_key`: store it encrypted. The lineage comes from `manifest` (default: the
+        manifest beside `path`, when there is one), or `operation` and `parent_sha256`.
+        `sha256`, when the caller already hashed the file, saves reading it twice.
+        """
+        name, tag = parse_ref(ref)
+        info = inspect_gguf(path)  # the checks first: nothing of a bad file is stored
+        digest = sha256 or _hash_with_progress(path, info.size_bytes, progress, "hashing")
+        lineage = _lineage(path, digest, manifest, operation, parent_sha256)
+        stored = self._store_blob(path, digest, link=link, in_place=in_place, move=move,
+                                  key=encrypt_key, progress=progress)  # fmt: skip
+        values = _version_values(info, digest, lineage, source or str(path.resolve()))
+        values |= {"encrypted": int(encrypt_key is not None), "blob": stored}
+        with self.catalog.writing():
+            version_id = self.catalog.insert_version(name, values)
+            self.catalog.point(name, tag, version_id, "pull" if move else "add")
+        if move:
+            blobs.remove(path)  # moved already, or copied across filesystems
+        return self.catalog.versions("v.id = ?", (version_id,))[0]
+
+    def _store_blob(
+        self, path: Path, digest: str, *, link: bool, in_place: bool, move: bool,
+        key: bytes | None, progress: bool,
+    ) -> str:  # fmt: skip
+        """Put `path`'s bytes in the blob directory; returns the blob's name (or, for a file
+        registered in place, its absolute path)."""
+        name = blobs.blob_name(digest, encrypted=key is not None)
+        final = self.blob_dir / name
+        if final.exists():
+            return name  # the same bytes are stored already (another name, or an earlier add)
+        if key is not None:
+            from edgellm.registry import crypto
+
+            crypto.encrypt_file(path, final, key, digest, progress=progress)
+            return name
+        if move and blobs.move_into(path, final):
+            return name
+        if link and blobs.link_into(path, final):
+            return name
+        if link and in_place:
+            return str(path.resolve())  # another filesystem: registered where it is
+        _check_room(self.blob_dir, path.stat().st_size)
+        with _progress(progress, path.stat().st_size, "copying") as advance:
+            blobs.copy_into(path, final, advance)
+        return name
+
+    # -- changing tags
+
+    def tag(self, src: str, dst: str) -> Version:
+        """Point `dst` at the version `src` names (another name gets the version too)."""
+        version = self.resolve(src)
+        name, tag = parse_ref(dst)
+        with self.catalog.writing():
+            if name == version.model:
+                version_id = version.id
+            else:
+                values = _copied(version)
+                version_id = self.catalog.insert_version(name, values)
+            self.catalog.point(name, tag, version_id, "tag")
+        return self.resolve(dst)
+
+    def point(self, ref: str, version: Version, operation: str) -> None:
+        """Move the tag `ref` (of `version`'s model) to `version` (promote, rollback)."""
+        name, tag = parse_ref(ref)
+        if name != version.model:
+            raise ValidationError(f"{version.short} is a version of {version.model}, not {name}")
+        with self.catalog.writing():
+            self.catalog.point(name, tag, version.id, operation)
+
+    def untag(self, ref: str) -> Version:
+        """Remove the tag `ref`; its version stays until gc."""
+        version = self.resolve(ref)
+        name, tag = parse_ref(ref)
+        with self.catalog.writing():
+            self.catalog.point(name, tag, None, "rm")
+        return version
+
+    # -- per-version data
+
+    def set_params(self, ref: str, values: dict[str, Any], *, replace: bool = False) -> Version:
+        version = self.resolve(ref)
+        params = dict(values) if replace else version.params | values
+        with self.catalog.writing():
+            self.catalog.update(version.id, params=params)
+        return self.resolve(ref)
+
+    def unset_params(self, ref: str, names: list[str]) -> Version:
+        version = self.resolve(ref)
+        params = {k: v for k, v in version.params.items() if k not in names}
+        with self.catalog.writing():
+            self.catalog.update(version.id, params=params)
+        return self.resolve(ref)
+
+    def record_eval(
+        self, sha256: str, evaluation: dict[str, Any], verdict: dict[str, Any] | None
+    ) -> list[Version]:
+        """Append an evaluation (and the gate verdict on it) to every version with these
+        bytes; returns those versions."""
+        found = self.by_sha256(sha256)
+        with self.catalog.writing():
+            for version in found:
+                evals = [*version.evals, evaluation]
+                gates = version.gates
+                if verdict is not None:
+                    gates = [*gates, verdict | {"eval": len(evals) - 1}]
+                self.catalog.update(version.id, evals=evals, gates=gates)
+        return self.by_sha256(sha256)
+
+    def encrypt(self, ref: str, key: bytes, *, progress: bool = False) -> Version:
+        """Encrypt the blob of `ref`'s version in place: the plain blob is removed once no
+        plain version uses it."""
+        from edgellm.registry import crypto
+
+        version = self.resolve(ref)
+        if version.encrypted:
+            raise ValidationError(f"{ref} ({version.short}) is encrypted already")
+        check_blob(version)
+        name = blobs.blob_name(version.sha256, encrypted=True)
+        if not (self.blob_dir / name).exists():
+            crypto.encrypt_file(version.blob, self.blob_dir / name, key, version.sha256,
+                                progress=progress)  # fmt: skip
+        plain = version.blob
+        with self.catalog.writing():
+            for same in self.by_sha256(version.sha256):
+                self.catalog.update(same.id, blob=name, encrypted=1)
+        if plain.parent == self.blob_dir:
+            blobs.remove(plain)
+        return self.resolve(ref)
+
+    # -- maintenance
+
+    def gc(self, keep: int = DEFAULT_KEEP, *, dry_run: bool = False) -> GcReport:
+        """Remove the versions no tag points to beyond the newest `keep` of each model, then
+        the blobs no remaining version uses."""
+        if keep < 0:
+            raise ValidationError("--keep must be 0 or more", param="--keep")
+        doomed: list[Version] = []
+        for name in self.catalog.model_names():
+            untagged = [v for v in self.versions(name) if not v.tags]
+            tagged_ids = {v.id for v in self.versions(name) if v.tags}
+            newest = sorted(self.versions(name), key=lambda v: v.id, reverse=True)
+            kept = {v.id for v in newest[:keep]} | tagged_ids
+            doomed += [v for v in untagged if v.id not in kept]
+        if not dry_run and doomed:
+            with self.catalog.writing():
+                for version in doomed:
+                    self.catalog.update(version.id, removed_at=_now())
+        in_use = {v.blob for v in self.versions()}
+        orphans = {v.blob for v in doomed if v.blob not in in_use and v.blob.exists()}
+        freed = sum(p.stat().st_size for p in orphans)
+        if not dry_run:
+            for path in orphans:
+                if path.parent == self.blob_dir:  # never a file registered in place
+                    blobs.remove(path)
+        return GcReport([f"{v.model}@{v.short}" for v in doomed], len(orphans), freed)
+
+    def verify(self, key: bytes | None = None) -> Iterator[VerifyResult]:
+        """Re-hash every stored version's blob (decrypting encrypted ones with `key`)."""
+        for version in self.versions():
+            yield VerifyResult(version, blob_problem(version, key))
+
+
+def check_blob(version: Version, key: bytes | None = None) -> None:
+    """ModelFileError, one line, when `version`'s blob is missing or not its bytes."""
+    problem = blob_problem(version, key)
+    if problem is not None:
+        raise ModelFileError(problem)
+
+
+def blob_problem(version: Version, key: bytes | None = None) -> str | None:
+    """Why `version`'s blob is not its bytes (None: it is)."""
+    where = f"{version.model}@{version.short}"
+    if not version.blob.exists():
+        return f"{where}: its file {version.blob} is missing"
+    if version.encrypted:
+        if key is None:
+            return f"{where} is encrypted: give its key (EDGELLM_MODEL_KEY or --key-file)"
+        from edgellm.registry import crypto
+
+        try:
+            memory = crypto.decrypt_to_memory(version.blob, key, version.sha256)
+        except EdgeLLMError as exc:
+            return f"{where}: {exc.message}"
+        memory.close()
+        actual = memory.sha256
+    else:
+        actual = blobs.hash_file(version.blob)
+    if actual != version.sha256:
+        return (
+            f"{where}: its file {version.blob} changed on disk (sha256 {actual[:VERSION_CHARS]}, "
+            f"registered {version.short}); pull or add it again"
+        )
+    return None
+
+
+def _lineage(
+    path: Path,
+    digest: str,
+    manifest: dict[str, Any] | None,
+    operation: tuple[str, dict[str, Any]] | None,
+    parent_sha256: str | None,
+) -> dict[str, Any]:
+    """The lineage columns, from `manifest` (or the one beside `path`) or the caller."""
+    if manifest is None and operation is None:
+        from edgellm.compress.manifest import load_manifest, manifest_path
+
+        if manifest_path(path).exists():
+            manifest = load_manifest(path, digest)
+    if manifest is not None:
+        parent = manifest.get("parent") or {}
+        return {
+            "operation": str(manifest.get("method", "external")),
+            "operation_params": dict(manifest.get("params") or {}),
+            "parent_sha256": parent.get("sha256") if isinstance(parent, dict) else None,
+            "evals": list(manifest.get("evals") or []),
+            "gates": list(manifest.get("gates") or []),
+        }
+    op, params = operation or ("external", {})
+    return {"operation": op, "operation_params": params, "parent_sha256": parent_sha256,
+            "evals": [], "gates": []}  # fmt: skip
+
+
+def _version_values(
+    info: ModelInfo, digest: str, lineage: dict[str, Any], source: str
+) -> dict[str, Any]:
+    template = info.chat_template
+    return {
+        "sha256": digest,
+        "size": info.size_bytes,
+        "format": "gguf",
+        "architecture": info.architecture,
+        "parameters": info.n_params or None,
+        "file_type": file_type_name(info.metadata),
+        "context_length": info.context_length,
+        "template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+        "source": source,
+        "params": {},
+        **lineage,
+    }
+
+
+def _copied(version: Version) -> dict[str, Any]:
+    """A version's values, for the same bytes under another name."""
+    keep = ("sha256", "size", "format", "architecture", "parameters", "file_type",
+            "context_length", "template_sha256", "parent_sha256", "operation",
+            "operation_params", "source", "evals", "gates", "params")  # fmt: skip
+    values = {k: getattr(version, k) for k in keep}
+    blob = version.blob.name if version.blob.parent.name == "blobs" else str(version.blob)
+    return values | {"encrypted": int(version.encrypted), "blob": blob}
+
+
+def _check_room(directory: Path, needed: int) -> None:
+    free = blobs.free_bytes(directory)
+    if free < needed:
+        raise blobs.BlobError(
+            f"the disk holding {directory} has {free / 1e9:.2f} GB free, the model needs "
+            f"{needed / 1e9:.2f} GB: nothing was added"
+        )
+
+
+def _now() -> str:
+    from edgellm.store import utc_now
+
+    return utc_now()
+
+
+@contextlib.contextmanager
+def _progress(shown: bool, total: int, what: str) -> Iterator[blobs.Advance | None]:
+    """A rich progress bar on stderr (bytes, rate, ETA) while the body runs, when `shown`."""
+    if not shown:
+        yield None
+        return
+    from edgellm.progress import byte_progress
+
+    with byte_progress(what, total) as advance:
+        yield advance
+
+
+def _hash_with_progress(path: Path, size: int, shown: bool, what: str) -> str:
+    with _progress(shown, size, what) as advance:
+        return blobs.hash_file(path, advance)
