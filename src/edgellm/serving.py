@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.backends import Backend, load_backend
 from edgellm.chat_template import ChatTemplate
@@ -14,6 +16,10 @@ from edgellm.reasoning import detect_reasoning
 from edgellm.records import sha256_file
 from edgellm.server.models import ServedModel
 from edgellm.settings import EngineSettings, ServerSettings
+
+if TYPE_CHECKING:
+    from edgellm.registry import Version
+    from edgellm.registry.crypto import MemoryModel
 
 VERSION_CHARS = 12  # of the weights' SHA-256: a model's version in metrics and logs
 
@@ -40,16 +46,18 @@ class _LoadedBackend:
     """The backend the engine thread loads, kept for the embedder factory (the engine itself
     sees only its runner and tokenizer)."""
 
-    def __init__(self, path: Path, settings: EngineSettings):
+    def __init__(self, path: Path, settings: EngineSettings, version: str = ""):
         self.path = path
         self.settings = settings
         self.backend: Backend | None = None  # set once the engine thread has loaded it
-        self.version = ""  # the file's SHA-256 prefix, known before the engine serves
+        self.version = version  # the file's SHA-256 prefix, known before the engine serves
+        self.memory: MemoryModel | None = None  # a decrypted model's memfd, kept open
 
     def load_engine(self) -> Engine:
         # hashing reads the file once (~0.5 s per GB here); the load then finds it in the page
         # cache. Done before the engine is ready, so every request served sees the version.
-        self.version = sha256_file(self.path)[:VERSION_CHARS]
+        # A registry version's hash was checked already.
+        self.version = self.version or sha256_file(self.path)[:VERSION_CHARS]
         self.backend = load_backend(self.path, self.settings)
         return _engine_on(self.backend, self.settings)
 
@@ -59,19 +67,57 @@ class _LoadedBackend:
         return self.backend.embedder(self.settings.pooling, self.settings.threads)
 
 
+@dataclass(slots=True)
+class ModelSource:
+    """The file a server loads, and what the registry says of it."""
+
+    path: Path  # a GGUF file, or /proc/self/fd/N: a decrypted registry model in memory
+    name: str | None = None  # the registry's name[:tag] (":latest" dropped); None: a plain file
+    version: Version | None = None
+    memory: MemoryModel | None = None  # holds the decrypted bytes while the server runs
+
+
+def open_source(server: ServerSettings) -> ModelSource:
+    """What `server.model` names: the embedded default (None), an existing file, else a model of
+    the registry, checked against its registered hash (decrypted into memory when encrypted)."""
+    if server.model is None:
+        return ModelSource(default_model_path())
+    from edgellm.registry import Registry, check_blob, looks_like_ref, parse_ref
+
+    if server.model.exists() or not looks_like_ref(str(server.model)):
+        return ModelSource(server.model)
+
+    name, tag = parse_ref(str(server.model), param="model")
+    with Registry.open() as registry:
+        version = registry.resolve(f"{name}:{tag}")
+    shown = name if tag == "latest" else f"{name}:{tag}"
+    if not version.encrypted:
+        check_blob(version)  # a blob changed on disk is refused, not served
+        return ModelSource(version.blob, shown, version)
+    from edgellm.registry.crypto import decrypt_to_memory, load_key
+
+    memory = decrypt_to_memory(version.blob, load_key(server.model_key_file), version.sha256)
+    return ModelSource(memory.path, shown, version, memory)
+
+
 def prepare_model(server: ServerSettings, engine: EngineSettings) -> ServedModel:
     """Check everything that can be checked before loading; the weights load in the engine thread.
 
-    Raises ModelFileError for a missing or malformed GGUF or a chat template that is refused.
+    Raises ModelFileError for a missing or malformed GGUF or a chat template that is refused,
+    ValidationError for a registry name that names nothing.
     """
-    path = server.model or default_model_path()
-    info = inspect_gguf(path)
+    source = open_source(server)
+    info = inspect_gguf(source.path)  # on the decrypted bytes, for an encrypted version
+    if source.version is not None:  # the registry hashed it: /api/tags need not read it again
+        info.metadata["edgellm.sha256"] = source.version.sha256
     template = ChatTemplate.load(
         info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token
     )
-    loaded = _LoadedBackend(path, engine)
+    version = source.version.short if source.version else ""
+    loaded = _LoadedBackend(source.path, engine, version)
+    loaded.memory = source.memory  # the decrypted bytes live as long as the served model
     return ServedModel(
-        model_id=server.model_id or info.model_id,
+        model_id=server.model_id or source.name or info.model_id,
         info=info,
         template=template,
         engine=AsyncEngine(loaded.load_engine),

@@ -150,13 +150,20 @@ class ServerSettings(_LayerSettings):
 
     model: Path | None = Field(
         None,
-        description="GGUF file to serve (or give it as MODEL_PATH).",
+        description="GGUF file, or NAME[:TAG] of the model registry (edgellm models), to serve "
+        "(or give it as MODEL_PATH).",
         json_schema_extra={"shown_default": "the embedded model"},
+    )
+    model_key_file: Path | None = Field(
+        None,
+        description="Key file of an encrypted registry model (edgellm models keygen); else "
+        "$EDGELLM_MODEL_KEY holds the key.",
+        json_schema_extra={"shown_default": "none"},
     )
     model_id: str | None = Field(
         None,
         description="Name clients use for the model.",
-        json_schema_extra={"shown_default": "from the file name"},
+        json_schema_extra={"shown_default": "the registry name, else from the file name"},
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")

@@ -5,6 +5,7 @@ code."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from rich.table import Table
 from edgellm.cli.console import err, user_errors
 from edgellm.errors import EdgeLLMError, ValidationError
 
+REGISTER_HELP = "Also add the result to the model registry as NAME[:TAG], with its lineage."
 GATE_FAILED = 3  # exit code of `edgellm eval --gate` when the model fails the gate
 _ALL_CORES = os.cpu_count() or 1  # the --threads default
 
@@ -49,12 +51,40 @@ def convert(
     source: Path = typer.Argument(..., help="GGUF file (any type)."),
     to: str = typer.Option("f16", help="f16, bf16 or f32."),
     output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    register: str | None = typer.Option(None, help=REGISTER_HELP, metavar="NAME[:TAG]"),
 ) -> None:
-    """Dequantize a GGUF to F16, BF16 or F32 (1-D tensors stay F32).
+    """Dequantize a GGUF to F16, BF16 or F32 (1-D tensors stay F32). SOURCE may be a registry
+    name (edgellm models).
 
-    Example: edgellm convert model.Q4_1.gguf --to f16 -o model.f16.gguf
+    Example: edgellm convert model.Q4_1.gguf --to f16 -o model.f16.gguf --register smollm2:f16
     """
-    run_convert(source, to, output, err)
+    from edgellm.registry import model_file
+
+    with model_file(source) as (path, _):
+        run_convert(path, to, output, err)
+        if register is not None:
+            parent = _sha256(path)
+            register_output(output, register, ("convert", {"to": to.lower()}), parent)
+
+
+def _sha256(path: Path) -> str:
+    from edgellm.records import sha256_file
+
+    return sha256_file(path)
+
+
+def register_output(
+    output: Path, ref: str, operation: tuple[str, dict[str, object]] | None, parent: str | None
+) -> None:
+    """Put a command's output in the registry as `ref`, with its lineage (`operation` and
+    `parent`; None: the manifest beside it)."""
+    from edgellm.registry import Registry
+
+    with Registry.open() as registry:
+        version = registry.add_file(
+            output, ref, operation=operation, parent_sha256=parent, progress=err.is_terminal
+        )
+    err.print(f"registered {escape(ref)}: version {version.short}")
 
 
 def run_convert(source: Path, to: str, output: Path, err: Console) -> None:
@@ -118,6 +148,7 @@ def quantize(
     plot: Path | None = typer.Option(None, help="--sweep: write a PNG of the frontier."),
     json_out: bool = typer.Option(False, "--json", help="--sweep: print JSON, not a table."),
     threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+    register: str | None = typer.Option(None, help=REGISTER_HELP, metavar="NAME[:TAG]"),
 ) -> None:
     """Quantize a GGUF with llama.cpp's quantizer; a manifest (parent SHA-256, type,
     parameters) goes beside it. IQ types need --imatrix or --calibrate. With --sweep, make
@@ -144,7 +175,14 @@ def quantize(
         json_out=json_out,
         threads=threads,
     )
-    run_quantize(opts, Console(highlight=False), err)
+    if register is not None and sweep is not None:
+        raise ValidationError("--register takes one result: not with --sweep", param="register")
+    from edgellm.registry import model_file
+
+    with model_file(source) as (path, _):
+        run_quantize(dataclasses.replace(opts, source=path), Console(highlight=False), err)
+    if register is not None and output is not None:
+        register_output(output, register, None, None)  # the manifest beside it has the lineage
 
 
 def run_quantize(opts: QuantizeOptions, out: Console, err: Console) -> None:
@@ -250,6 +288,18 @@ def _run_sweep(opts: QuantizeOptions, calibrate: object, out: Console, err: Cons
     out.print(table)
 
 
+def _record_in_registry(
+    model: Path, evaluation: dict[str, object], verdict: dict[str, object] | None, err: Console
+) -> None:
+    """Append the evaluation and verdict to the registry's versions of these bytes, if any."""
+    from edgellm.registry import Registry
+
+    with Registry.open() as registry:
+        versions = registry.record_eval(_sha256(model), dict(evaluation), verdict)
+    for version in versions:
+        err.print(f"recorded on {escape(version.model)}@{version.short} in the registry")
+
+
 def _need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -268,8 +318,9 @@ class EvalOptions:
     chunks: int | None
     gate: str | None
     json_out: bool
-    record: bool
+    record: bool  # into the manifest beside the model
     threads: int
+    in_registry: bool = True  # onto the registry's versions of the model's bytes
 
 
 @user_errors
@@ -303,7 +354,13 @@ def evaluate(
         record=record,
         threads=threads,
     )
-    code = run_eval(opts, Console(highlight=False), err)
+    from edgellm.registry import model_file
+
+    with model_file(model) as (path, version):
+        opts.model = path
+        opts.in_registry = opts.record
+        opts.record = opts.record and version is None  # a registry blob has no manifest beside
+        code = run_eval(opts, Console(highlight=False), err)
     if code:
         raise typer.Exit(code)
 
@@ -327,6 +384,8 @@ def run_eval(opts: EvalOptions, out: Console, err: Console) -> int:
             progress=lambda d, t: update("evaluate", d, t),
         )
     verdict = gate.verdict(result.metrics) if gate is not None else None
+    if opts.in_registry:
+        _record_in_registry(opts.model, eval_record(result, opts.data, opts.ref), verdict, err)
     manifest = None
     if opts.record:
         try:

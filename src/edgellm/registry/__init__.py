@@ -45,6 +45,9 @@ __all__ = [
     "TagMove",
     "VerifyResult",
     "Version",
+    "check_blob",
+    "looks_like_ref",
+    "model_file",
     "parse_ref",
 ]
 
@@ -315,11 +318,9 @@ def blob_problem(version: Version, key: bytes | None = None) -> str | None:
         from edgellm.registry import crypto
 
         try:
-            memory = crypto.decrypt_to_memory(version.blob, key, version.sha256)
+            actual = crypto.verify_encrypted(version.blob, key, version.sha256)
         except EdgeLLMError as exc:
             return f"{where}: {exc.message}"
-        memory.close()
-        actual = memory.sha256
     else:
         actual = blobs.hash_file(version.blob)
     if actual != version.sha256:
@@ -416,3 +417,36 @@ def _progress(shown: bool, total: int, what: str) -> Iterator[blobs.Advance | No
 def _hash_with_progress(path: Path, size: int, shown: bool, what: str) -> str:
     with _progress(shown, size, what) as advance:
         return blobs.hash_file(path, advance)
+
+
+@contextlib.contextmanager
+def model_file(text: Path | str) -> Iterator[tuple[Path, Version | None]]:
+    """The GGUF a command's MODEL argument names: an existing file as it is, else the
+    registry's `name[:tag]`, checked against its hash (an encrypted one decrypted into memory
+    with $EDGELLM_MODEL_KEY, for as long as the block runs)."""
+    path = Path(text)
+    if path.exists() or not looks_like_ref(str(text)):
+        yield path, None
+        return
+    with Registry.open() as registry:
+        version = registry.resolve(str(text))
+    if not version.encrypted:
+        check_blob(version)
+        yield version.blob, version
+        return
+    from edgellm.registry.crypto import decrypt_to_memory, load_key
+
+    with decrypt_to_memory(version.blob, load_key(None), version.sha256) as memory:
+        yield memory.path, version
+
+
+def looks_like_ref(text: str) -> bool:
+    """A registry name rather than a path: it does not start like a path, has no GGUF
+    suffix, and parses as name[:tag]."""
+    if text.startswith((".", "/", "~")) or text.lower().endswith(".gguf"):
+        return False
+    try:
+        parse_ref(text)
+    except ValidationError:
+        return False
+    return True

@@ -52,6 +52,13 @@ class SandboxSpec:
     memory_bytes: int  # address space a sandbox may add beyond its vocabulary
 
 
+def _model_fds(model: Path) -> tuple[int, ...]:
+    """The descriptor a model in memory is read through (`/proc/self/fd/N`: a decrypted
+    registry model), so the worker's same path names the same memory."""
+    parent, name = model.parent, model.name
+    return (int(name),) if str(parent) == "/proc/self/fd" and name.isdigit() else ()
+
+
 class Sandbox:
     """One sandbox process and its shared memory (grammar text, then float32 logits)."""
 
@@ -86,7 +93,7 @@ class Sandbox:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,  # llama.cpp's parser prints there; we log deaths
-                pass_fds=(fd,),
+                pass_fds=(fd, *_model_fds(spec.model)),
                 bufsize=0,
                 # its own session: a terminal's Ctrl-C (or a signal to the server's process
                 # group) must not kill sandboxes the server still needs while it drains; the
