@@ -1,0 +1,293 @@
+"""The model registry on a real SQLite file in a temporary $EDGELLM_HOME, through the real CLI:
+add / list / show / tag / rm / gc with retention, set / unset, verify, import-ollama, two
+processes adding at once, and bad input (one line each, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgellm.cli.main import app
+from edgellm.registry import Registry
+
+EDGELLM = [sys.executable, "-m", "edgellm.cli"]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = tmp_path / "home"
+    monkeypatch.setenv("EDGELLM_HOME", str(path))
+    monkeypatch.delenv("EDGELLM_MODEL_KEY", raising=False)
+    yield path
+
+
+def tiny_gguf(path: Path, seed: int, *, params: int = 4096, **strings: str) -> Path:
+    """A small, well-formed llama GGUF whose weights depend on `seed` (so its hash does)."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name(f"tiny-{seed}")
+    writer.add_context_length(512)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value in strings.items():
+        writer.add_string(key.replace("__", "."), value)
+    weights = np.random.default_rng(seed).standard_normal(params).astype(np.float32)
+    writer.add_tensor("token_embd.weight", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def cli(*args: str) -> Any:
+    """Run `edgellm ARGS` in-process; returns the result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def cli_json(*args: str) -> Any:
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: Any, code: int = 1) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_add_list_show_tag_rm(home: Path, tmp_path: Path) -> None:
+    model = tiny_gguf(tmp_path / "a.gguf", 1)
+    added = cli_json("models", "add", str(model), "--name", "tiny:v1")
+    assert added["architecture"] == "llama" and added["parameters"] == 4096
+    assert added["file_type"] == "ALL_F32" and added["context_length"] == 512
+    blob = Path(added["blob"])
+    assert blob.read_bytes() == model.read_bytes() and blob.parent == home / "models" / "blobs"
+    assert blob.name == f"sha256-{added['sha256']}" and oct(blob.stat().st_mode)[-3:] == "600"
+    cli_json("models", "tag", "tiny:v1", "tiny:prod")
+    listed = {row["name"]: row for row in cli_json("models", "list")}
+    assert set(listed) == {"tiny:v1", "tiny:prod"}
+    assert listed["tiny:prod"]["sha256"] == added["sha256"]
+    shown = cli_json("models", "show", "tiny:prod")
+    assert shown["tag_pointers"] == {"tiny:prod": added["version"], "tiny:v1": added["version"]}
+    assert [m["operation"] for m in shown["tag_history"]] == ["add", "tag"]
+    cli_json("models", "rm", "tiny:v1")
+    listed = [row["name"] for row in cli_json("models", "list")]
+    assert listed == ["tiny:prod"]
+    assert blob.exists()  # the version stays (another tag points at it anyway)
+    text = cli("models", "show", "tiny:prod")
+    assert text.exit_code == 0 and "lineage" in text.stdout and "tag history" in text.stdout
+
+
+def test_a_tag_moves_and_keeps_its_history(home: Path, tmp_path: Path) -> None:
+    first = cli_json("models", "add", str(tiny_gguf(tmp_path / "1.gguf", 1)), "--name", "m")
+    second = cli_json("models", "add", str(tiny_gguf(tmp_path / "2.gguf", 2)), "--name", "m")
+    assert cli_json("models", "show", "m")["sha256"] == second["sha256"]
+    history = cli_json("models", "show", "m:latest")["tag_history"]
+    assert [(h["previous"], h["version"]) for h in history] == [
+        (None, first["version"]),
+        (first["version"], second["version"]),
+    ]
+    untagged = [row for row in cli_json("models", "list") if row["name"] is None]
+    assert [row["sha256"] for row in untagged] == [first["sha256"]]
+
+
+def test_gc_keeps_tagged_and_the_newest_versions(home: Path, tmp_path: Path) -> None:
+    versions = [
+        cli_json("models", "add", str(tiny_gguf(tmp_path / f"{i}.gguf", i)), "--name", "m")
+        for i in range(5)
+    ]
+    cli_json("models", "tag", "m", "m:stable")  # the newest: tagged twice
+    dry = cli_json("models", "gc", "--keep", "3", "--dry-run")
+    assert dry["removed"] == [f"m@{v['version']}" for v in versions[:2]]
+    assert all(Path(v["blob"]).exists() for v in versions)
+    report = cli_json("models", "gc", "--keep", "3")
+    assert report["removed"] == dry["removed"] and report["blobs"] == 2
+    assert [Path(v["blob"]).exists() for v in versions] == [False, False, True, True, True]
+    left = {row["sha256"] for row in cli_json("models", "list")}
+    assert left == {v["sha256"] for v in versions[2:]}
+    cli_json("models", "rm", "m:stable")
+    cli_json("models", "rm", "m")  # no tag left: every version is only retention now
+    assert cli_json("models", "gc", "--keep", "1")["removed"] == [
+        f"m@{v['version']}" for v in versions[2:4]
+    ]
+    assert [Path(v["blob"]).exists() for v in versions] == [False] * 4 + [True]
+
+
+def test_same_bytes_under_two_names_share_one_blob(home: Path, tmp_path: Path) -> None:
+    model = tiny_gguf(tmp_path / "a.gguf", 7)
+    a = cli_json("models", "add", str(model), "--name", "a")
+    b = cli_json("models", "add", str(model), "--name", "b", "--link")
+    assert a["blob"] == b["blob"]
+    cli_json("models", "rm", "a")
+    assert cli_json("models", "gc", "--keep", "0")["blobs"] == 0  # b still uses it
+    assert Path(b["blob"]).exists()
+
+
+def test_link_shares_the_inode(home: Path, tmp_path: Path) -> None:
+    model = tiny_gguf(tmp_path / "a.gguf", 3)
+    added = cli_json("models", "add", str(model), "--name", "linked", "--link")
+    assert Path(added["blob"]).stat().st_ino == model.stat().st_ino
+
+
+def test_set_and_unset_serving_defaults(home: Path, tmp_path: Path) -> None:
+    cli_json("models", "add", str(tiny_gguf(tmp_path / "a.gguf", 1)), "--name", "r1")
+    got = cli_json("models", "set", "r1", "temperature=0.6", "top_p=0.95", "system=Be brief.")
+    assert got["params"] == {"temperature": 0.6, "top_p": 0.95, "system": "Be brief."}
+    got = cli_json("models", "unset", "r1", "top_p")
+    assert got["params"] == {"temperature": 0.6, "system": "Be brief."}
+    assert cli_json("models", "show", "r1")["params"] == got["params"]
+
+
+def test_verify_catches_a_changed_blob_and_serve_refuses_it(home: Path, tmp_path: Path) -> None:
+    added = cli_json("models", "add", str(tiny_gguf(tmp_path / "a.gguf", 1)), "--name", "bad")
+    cli_json("models", "add", str(tiny_gguf(tmp_path / "b.gguf", 2)), "--name", "good")
+    assert cli("models", "verify").exit_code == 0
+    blob = Path(added["blob"])
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF  # one weight's byte: still a well-formed GGUF
+    blob.write_bytes(bytes(data))
+    result = cli("models", "verify", "--json")
+    assert result.exit_code == 3
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["good"]["ok"] and not rows["bad"]["ok"]
+    assert "changed on disk" in rows["bad"]["problem"]
+    served = subprocess.run(
+        [*EDGELLM, "serve", "bad", "--port", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert served.returncode == 1, served.stderr
+    lines = served.stderr.strip().splitlines()
+    assert len(lines) == 1 and "changed on disk" in lines[0], served.stderr
+
+
+def test_two_add_processes_at_once_both_succeed(home: Path, tmp_path: Path) -> None:
+    files = [tiny_gguf(tmp_path / f"{i}.gguf", i, params=1 << 20) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*EDGELLM, "models", "add", str(f), "--name", f"m{i}:x"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, f in enumerate(files)
+    ]
+    outcomes = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outcomes
+    assert sorted(row["name"] for row in cli_json("models", "list")) == ["m0:x", "m1:x"]
+
+
+def test_import_ollama_links_blobs_with_names_tags_and_params(home: Path, tmp_path: Path) -> None:
+    ollama = tmp_path / "ollama"
+    blobs = ollama / "blobs"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> str:
+        import hashlib
+
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (blobs / digest.replace(":", "-")).write_bytes(data)
+        return digest
+
+    def manifest(path: str, layers: dict[str, str]) -> None:
+        where = ollama / "manifests" / path
+        where.parent.mkdir(parents=True, exist_ok=True)
+        body = {"schemaVersion": 2, "config": {"digest": blob(b"{}")},
+                "layers": [{"mediaType": f"application/vnd.ollama.image.{kind}",
+                            "digest": digest} for kind, digest in layers.items()]}  # fmt: skip
+        where.write_text(json.dumps(body))
+
+    model = blob(tiny_gguf(tmp_path / "m.gguf", 5).read_bytes())
+    params = blob(json.dumps({"temperature": 0.6, "stop": ["</s>"], "mirostat": 1}).encode())
+    system = blob(b"You are terse.")
+    template = blob(b"{{ .Prompt }}")
+    manifest("registry.ollama.ai/library/tiny/1b", {"model": model, "params": params,
+                                                    "system": system, "template": template})  # fmt: skip
+    manifest("registry.ollama.ai/someone/tiny/latest", {"model": model})
+    manifest("registry.ollama.ai/library/adapter/latest", {"adapter": model})
+    result = cli_json("models", "import-ollama", str(ollama))
+    by_name = {row["name"]: row for row in result}
+    assert set(by_name) == {"tiny:1b", "someone/tiny:latest", "adapter:latest"}
+    assert "no GGUF model layer" in by_name["adapter:latest"]["skipped"]
+    source = blobs / model.replace(":", "-")
+    for name in ("tiny:1b", "someone/tiny:latest"):
+        assert Path(by_name[name]["blob"]).stat().st_ino == source.stat().st_ino  # not copied
+    shown = cli_json("models", "show", "tiny:1b")
+    assert shown["params"] == {"temperature": 0.6, "stop": ["</s>"], "system": "You are terse."}
+    assert shown["operation"] == "import-ollama"
+    assert shown["operation_params"]["ollama_template"] == "{{ .Prompt }}"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["models", "show", "nothing"], "no model 'nothing' in the registry"),
+        (["models", "show", "m:missing"], "no tag 'm:missing'"),
+        (["models", "tag", "m:missing", "m:x"], "no tag 'm:missing'"),
+        (["models", "rm", "m:missing"], "no tag 'm:missing'"),
+        (["models", "show", "bad name!"], "is not a model name"),
+        (["models", "set", "m", "temperature"], "temperature"),
+        (["models", "set", "m", "temperature=hot"], "temperature"),
+        (["models", "set", "m", "tempr=0.5"], "tempr"),
+        (["models", "unset", "m", "tempr"], "tempr"),
+        (["models", "gc", "--keep", "-1"], "--keep"),
+        (["serve", "nothing:here"], "no model 'nothing'"),
+    ],
+)
+def test_bad_input_is_one_line(home: Path, tmp_path: Path, args: list[str], said: str) -> None:
+    cli_json("models", "add", str(tiny_gguf(tmp_path / "a.gguf", 1)), "--name", "m")
+    line = one_line_error(cli(*args))
+    assert said in line
+
+
+def test_adding_a_file_that_is_not_a_gguf_stores_nothing(home: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    assert "not a GGUF" in one_line_error(cli("models", "add", str(text), "--name", "x"))
+    missing = one_line_error(cli("models", "add", str(tmp_path / "nope.gguf"), "--name", "x"))
+    assert "not found" in missing
+    with Registry.open() as reg:
+        assert reg.tags() == [] and reg.versions() == []
+        assert list(reg.blob_dir.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_during_add_leaves_nothing(
+    tiny_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGELLM_HOME", str(tiny_disk / "home"))
+    small = tiny_gguf(tmp_path / "small.gguf", 1)
+    cli_json("models", "add", str(small), "--name", "fits")
+    big = tiny_gguf(tmp_path / "big.gguf", 2, params=1 << 20)  # 4 MiB: more than the disk
+    line = one_line_error(cli("models", "add", str(big), "--name", "big"))
+    assert "full" in line or "free" in line
+    # past the free-space check (another writer filled the disk meanwhile): the write fails
+    monkeypatch.setattr("edgellm.registry._check_room", lambda directory, needed: None)
+    line = one_line_error(cli("models", "add", str(big), "--name", "big"))
+    assert "full" in line
+    with Registry.open() as reg:
+        assert [ref for ref, _ in reg.tags()] == ["fits:latest"]
+        names = sorted(p.name for p in reg.blob_dir.iterdir())
+    assert names == [f"sha256-{cli_json('models', 'show', 'fits')['sha256']}"]  # no temp file
+    assert os.listdir(tiny_disk / "home" / "models" / "partial") == []
