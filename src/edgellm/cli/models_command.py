@@ -130,6 +130,10 @@ def pull(
 
     key = _key(encrypt, key_file)
     with _registry() as reg:
+        if key is not None:  # the plain download stays in RAM until it is encrypted
+            from edgellm.registry import memory_partial_dir
+
+            reg.partial_dir = memory_partial_dir()
         version = do_pull(reg, source, name, sha256=sha256, encrypt_key=key, progress=_tty())
     _report(version, name, "pulled", as_json)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "Version",
     "check_blob",
     "looks_like_ref",
+    "memory_partial_dir",
     "model_file",
     "parse_ref",
 ]
@@ -450,3 +452,31 @@ def looks_like_ref(text: str) -> bool:
     except ValidationError:
         return False
     return True
+
+
+def memory_partial_dir(root: Path = Path("/dev/shm")) -> Path:
+    """Where an encrypted pull keeps its download until it is verified and encrypted: a 0700
+    directory on a RAM filesystem (tmpfs), so the plain weights never reach a disk; it
+    survives a failed pull (resume), not a reboot."""
+    if not _on_tmpfs(root):
+        raise ValidationError(
+            f"pull --encrypt keeps the download in memory until it is encrypted, and {root} is "
+            "not a RAM filesystem (tmpfs) here: pull without --encrypt on a trusted disk, then "
+            "`edgellm models encrypt`"
+        )
+    path = root / f"edgellm-partial-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.stat().st_uid != os.getuid() or path.stat().st_mode & 0o077:
+        raise ValidationError(f"{path} is not this user's private directory: remove it")
+    return path
+
+
+def _on_tmpfs(path: Path) -> bool:
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    types = {
+        fields[1]: fields[2] for fields in (line.split() for line in mounts) if len(fields) > 2
+    }
+    return types.get(str(path)) == "tmpfs"
