@@ -291,3 +291,37 @@ def test_a_full_disk_during_add_leaves_nothing(
         names = sorted(p.name for p in reg.blob_dir.iterdir())
     assert names == [f"sha256-{cli_json('models', 'show', 'fits')['sha256']}"]  # no temp file
     assert os.listdir(tiny_disk / "home" / "models" / "partial") == []
+
+
+def test_lineage_through_convert_quantize_and_eval_gate(
+    home: Path, tmp_path: Path, model_path: Path
+) -> None:
+    """The real default model: add it, convert it to F16 and quantize that to Q8_0, both
+    straight into the registry, then gate the Q8_0 against the F16 by their registry names."""
+    base = cli_json("models", "add", str(model_path), "--name", "smollm2", "--link")
+    f16, q8 = tmp_path / "s.f16.gguf", tmp_path / "s.Q8_0.gguf"
+    made = cli("convert", "smollm2", "--to", "f16", "-o", str(f16), "--register", "smollm2:f16")
+    assert made.exit_code == 0, made.stderr
+    made = cli("quantize", "smollm2:f16", "-t", "Q8_0", "-o", str(q8), "--register",
+               "smollm2:q8", "--threads", "2")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    text = Path(__file__).parent / "data" / "eval-text.txt"
+    gated = cli("eval", "smollm2:q8", "--ref", "smollm2:f16", "--data", str(text),
+                "--ctx", "128", "--chunks", "2", "--gate", "kl_mean<0.5")  # fmt: skip
+    assert gated.exit_code == 0, gated.stderr
+    assert "recorded on smollm2@" in gated.stderr
+    shown = cli_json("models", "show", "smollm2:q8")
+    assert shown["operation"] == "quantize" and shown["operation_params"]["type"] == "Q8_0"
+    assert shown["file_type"] == "Q8_0"
+    chain = [
+        (link.get("model"), link.get("operation"), link["sha256"]) for link in shown["lineage"]
+    ]
+    f16_sha = cli_json("models", "show", "smollm2:f16")["sha256"]
+    assert chain == [
+        ("smollm2", "quantize", shown["sha256"]),
+        ("smollm2", "convert", f16_sha),
+        ("smollm2", "external", base["sha256"]),
+    ]
+    assert len(shown["evals"]) == 1 and shown["evals"][0]["metrics"]["kl_mean"] < 0.5
+    assert shown["gates"][0]["passed"] is True and shown["gates"][0]["eval"] == 0
+    assert cli_json("models", "show", "smollm2:f16")["evals"] == []  # the reference is not it

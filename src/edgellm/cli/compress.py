@@ -288,6 +288,18 @@ def _run_sweep(opts: QuantizeOptions, calibrate: object, out: Console, err: Cons
     out.print(table)
 
 
+@contextlib.contextmanager
+def _optional_model_file(text: Path | None) -> Iterator[Path | None]:
+    """A MODEL-like option (--ref) that may name a registry model, or None."""
+    from edgellm.registry import model_file
+
+    if text is None:
+        yield None
+        return
+    with model_file(text) as (path, _):
+        yield path
+
+
 def _record_in_registry(
     model: Path, evaluation: dict[str, object], verdict: dict[str, object] | None, err: Console
 ) -> None:
@@ -356,8 +368,8 @@ def evaluate(
     )
     from edgellm.registry import model_file
 
-    with model_file(model) as (path, version):
-        opts.model = path
+    with model_file(model) as (path, version), _optional_model_file(ref) as ref_path:
+        opts.model, opts.ref = path, ref_path
         opts.in_registry = opts.record
         opts.record = opts.record and version is None  # a registry blob has no manifest beside
         code = run_eval(opts, Console(highlight=False), err)

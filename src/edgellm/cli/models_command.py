@@ -28,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+SCORES = ("ppl", "ppl_ratio", "kl_mean", "kl_p99", "top1")  # shown by `show`, of each eval
 JSON = typer.Option(False, "--json", help="Print JSON instead of text.")
 KEY_FILE = typer.Option(
     None, "--key-file", help="The model key file (default: $EDGELLM_MODEL_KEY).", show_default=False
@@ -272,10 +273,13 @@ def _print_evals(out: Console, v: Version) -> None:
     if not v.evals:
         out.print("evaluations: none (edgellm eval MODEL --data TEXT)")
     for i, e in enumerate(v.evals):
-        scores = {k: e[k] for k in ("ppl", "ppl_ratio", "kl_mean", "top1") if k in e}
-        out.print(f"  eval {i}: {escape(json.dumps(scores or e)[:200])}")
+        metrics = e.get("metrics") or {}
+        scores = " ".join(f"{k}={metrics[k]:.4g}" for k in SCORES if k in metrics)
+        data = (e.get("data") or {}).get("path", "?")
+        out.print(f"  eval {i} ({e.get('at', '?')}, {escape(str(data))}): {scores}")
     for g in v.gates:
-        out.print(f"  gate on eval {g.get('eval')}: {escape(json.dumps(g)[:200])}")
+        verdict = "[green]passed[/green]" if g.get("passed") else "[red]failed[/red]"
+        out.print(f"  gate on eval {g.get('eval')}: {escape(str(g.get('expr')))} {verdict}")
 
 
 @app.command()
