@@ -53,10 +53,15 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, *args: str, env: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        cwd: Path | None = None,
     ):
         """`tls`: the server serves HTTPS (args carry --tls-cert/--tls-key); this context,
-        trusting its CA, is what the fixture's own requests verify it with."""
+        trusting its CA, is what the fixture's own requests verify it with. `cwd`: its working
+        directory."""
         self.port = free_port()
         self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.verify: ssl.SSLContext | bool = tls or True
@@ -72,6 +77,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
+            cwd=cwd,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -211,8 +211,8 @@ def test_import_ollama_links_blobs_with_names_tags_and_params(home: Path, tmp_pa
     params = blob(json.dumps({"temperature": 0.6, "stop": ["</s>"], "mirostat": 1}).encode())
     system = blob(b"You are terse.")
     template = blob(b"{{ .Prompt }}")
-    manifest("registry.ollama.ai/library/tiny/1b", {"model": model, "params": params,
-                                                    "system": system, "template": template})  # fmt: skip
+    layers = {"model": model, "params": params, "system": system, "template": template}
+    manifest("registry.ollama.ai/library/tiny/1b", layers)
     manifest("registry.ollama.ai/someone/tiny/latest", {"model": model})
     manifest("registry.ollama.ai/library/adapter/latest", {"adapter": model})
     result = cli_json("models", "import-ollama", str(ollama))
