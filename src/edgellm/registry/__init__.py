@@ -158,7 +158,16 @@ class Registry:
             self.catalog.point(name, tag, version_id, "pull" if move else "add")
         if move:
             blobs.remove(path)  # moved already, or copied across filesystems
+        if encrypt_key is not None:
+            self._drop_plain_blob(digest)
         return self.catalog.versions("v.id = ?", (version_id,))[0]
+
+    def _drop_plain_blob(self, digest: str) -> None:
+        """Once these bytes are stored encrypted, remove their plain blob unless a version
+        still serves from it (encryption on means no plain copy the operator did not ask for)."""
+        plain = self.blob_dir / blobs.blob_name(digest, encrypted=False)
+        if plain.exists() and not any(v.blob == plain for v in self.by_sha256(digest)):
+            blobs.remove(plain)
 
     def _store_blob(
         self, path: Path, digest: str, *, link: bool, in_place: bool, move: bool,
@@ -287,7 +296,8 @@ class Registry:
             with self.catalog.writing():
                 for version in doomed:
                     self.catalog.update(version.id, removed_at=_now())
-        in_use = {v.blob for v in self.versions()}
+        gone = {v.id for v in doomed}
+        in_use = {v.blob for v in self.versions() if v.id not in gone}
         orphans = {v.blob for v in doomed if v.blob not in in_use and v.blob.exists()}
         freed = sum(p.stat().st_size for p in orphans)
         if not dry_run:
