@@ -24,7 +24,7 @@ PROMPT = {"role": "user", "content": "Name three colours."}
 
 @pytest.fixture(scope="module")
 def place(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Path]:
-    """A data directory holding the default model twice: `plain:latest` and, encrypted,
+    """A data directory holding the default model twice: `plain:q4` and, encrypted,
     `secret:latest`; with private temporary and working directories for the servers."""
     root = tmp_path_factory.mktemp("encrypted")
     for name in ("home", "tmp", "cwd"):
@@ -32,7 +32,7 @@ def place(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
     keygen(root / "model.key")
     key = bytes.fromhex((root / "model.key").read_text().strip())
     with Registry.open(root / "home") as registry:
-        registry.add_file(model_path, "plain")
+        registry.add_file(model_path, "plain:q4")
         registry.add_file(model_path, "secret", encrypt_key=key)
     yield root
 
@@ -68,12 +68,23 @@ def files_holding(directories: list[Path], needles: list[bytes]) -> list[str]:
 def test_encrypted_serves_like_plain_and_never_touches_a_disk(
     place: Path, model_path: Path
 ) -> None:
-    plain = ServerProcess("plain", env=env_of(place), cwd=place / "cwd")
+    plain = ServerProcess("plain:q4", env=env_of(place), cwd=place / "cwd")
     try:
-        want, name = answer(plain, "plain")
+        want, name = answer(plain, "plain:q4")
+        cards = httpx.get(plain.base + "/v1/models").json()["data"]
+        tags = httpx.get(plain.base + "/api/tags").json()["models"]
     finally:
         plain.stop()
-    assert name == "plain"
+    assert name == "plain:q4"
+    sha = _sha(place)
+    assert [c["id"] for c in cards] == ["plain:q4"]
+    meta = cards[0]["meta"]
+    assert meta["digest"] == sha and meta["version"] == sha[:12]
+    assert (meta["quantization_level"], meta["family"]) == ("Q4_1", "llama")
+    assert meta["size"] == model_path.stat().st_size and meta["parameter_size"]
+    (tag,) = tags
+    assert (tag["name"], tag["digest"], tag["size"]) == ("plain:q4", sha, meta["size"])
+    assert tag["details"]["quantization_level"] == "Q4_1"
     args = ("secret", "--model-key-file", str(place / "model.key"))
     secret = ServerProcess(*args, env=env_of(place), cwd=place / "cwd")
     try:
@@ -94,7 +105,7 @@ def test_encrypted_serves_like_plain_and_never_touches_a_disk(
 
 def _sha(place: Path) -> str:
     with Registry.open(place / "home") as registry:
-        return registry.resolve("plain").sha256
+        return registry.resolve("plain:q4").sha256
 
 
 def refusal(place: Path, *args: str, env: dict[str, str] | None = None) -> str:

@@ -134,6 +134,18 @@ def file_type_name(metadata: dict[str, Any]) -> str | None:
         return None
 
 
+def parameter_size(info: ModelInfo) -> str:
+    """The model's size as Ollama shows it: the file's `general.size_label` ("135M"), else its
+    weights counted ("134.52M")."""
+    label = info.metadata.get("general.size_label")
+    if isinstance(label, str) and label.strip():
+        return label.strip()
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if info.n_params >= scale:
+            return f"{info.n_params / scale:.2f}{unit}"
+    return str(info.n_params) if info.n_params else ""
+
+
 def _read(path: Path) -> Any:
     import gguf  # imported here: numpy + gguf cost ~0.2 s, only paid when a file is checked
 

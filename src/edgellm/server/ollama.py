@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from edgellm import __version__
 from edgellm.engine import SamplingParams
 from edgellm.errors import EdgeLLMError, ValidationError
+from edgellm.modelfile import file_type_name, parameter_size
 from edgellm.server.errors import ollama_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
@@ -85,17 +86,8 @@ def _now() -> str:
 
 
 def _tag(model: ServedModel) -> str:
-    return f"{model.model_id}:latest"
-
-
-def _file_type(model: ServedModel) -> str:
-    import gguf
-
-    code = model.info.metadata.get("general.file_type")
-    try:
-        return gguf.LlamaFileType(code).name.removeprefix("MOSTLY_") if code else "unknown"
-    except (TypeError, ValueError):
-        return "unknown"
+    """Ollama's name:tag: a registry model's own, else the file's name with `latest`."""
+    return model.model_id if ":" in model.model_id else f"{model.model_id}:latest"
 
 
 def _details(model: ServedModel) -> OllamaDetails:
@@ -105,8 +97,8 @@ def _details(model: ServedModel) -> OllamaDetails:
         format="gguf",
         family=arch,
         families=[arch],
-        parameter_size=str(model.info.metadata.get("general.size_label", "")),
-        quantization_level=_file_type(model),
+        parameter_size=parameter_size(model.info),
+        quantization_level=file_type_name(model.info.metadata) or "unknown",
     )
 
 

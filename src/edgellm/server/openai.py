@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from edgellm.engine import RequestOutput
 from edgellm.errors import EdgeLLMError, ValidationError
+from edgellm.modelfile import file_type_name, parameter_size
 from edgellm.server.errors import openai_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
 from edgellm.server.limits import check_chat, check_completion, check_embedding, limits_of
-from edgellm.server.models import models_of, normalised
+from edgellm.server.models import ServedModel, models_of, normalised
 from edgellm.server.pipeline import (
     ChatInput,
     Collected,
@@ -46,6 +47,7 @@ from edgellm.server.responses import (
     FunctionCallOut,
     ModelCard,
     ModelList,
+    ModelMeta,
     PromptTokensDetails,
     ToolCallOut,
     Usage,
@@ -65,21 +67,34 @@ router = APIRouter(prefix="/v1", route_class=ParsedJsonRoute)
 SSE = "text/event-stream"
 
 
-def _card(model_id: str, created: int) -> ModelCard:
-    return ModelCard(id=model_id, object="model", created=created, owned_by="edgellm")
+def _card(model: ServedModel) -> ModelCard:
+    info = model.info
+    digest = info.metadata.get("edgellm.sha256")  # a registry model's, or once /api/tags read it
+    meta = ModelMeta(
+        version=model.version,
+        digest=digest if isinstance(digest, str) else None,
+        size=info.size_bytes,
+        format="gguf",
+        family=info.architecture,
+        parameter_size=parameter_size(info),
+        quantization_level=file_type_name(info.metadata) or "unknown",
+        context_length=info.context_length,
+    )
+    return ModelCard(
+        id=model.model_id, object="model", created=model.created, owned_by="edgellm", meta=meta
+    )
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict[str, Any]:
     visible = models_of(request).visible(principal_of(request.scope))
-    cards = [_card(m.model_id, m.created) for m in visible]
-    return ModelList(object="list", data=cards).body()
+    return ModelList(object="list", data=[_card(m) for m in visible]).body()
 
 
 @router.get("/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     model = models_of(request).resolve(model_id, principal_of(request.scope))
-    return _card(model.model_id, model.created).body()
+    return _card(model).body()
 
 
 @router.post("/embeddings", response_model=EmbeddingList)

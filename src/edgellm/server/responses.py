@@ -24,11 +24,26 @@ class Response(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
+class ModelMeta(Response):
+    """What edgellm adds to OpenAI's model object: the file behind the name, as Ollama's
+    /api/tags describes it (OpenAI clients ignore fields they do not know)."""
+
+    version: str  # the weights' SHA-256 prefix ("" until loaded)
+    digest: str | None = None  # the weights' whole SHA-256, when known without reading them
+    size: int  # bytes of the GGUF
+    format: str
+    family: str
+    parameter_size: str
+    quantization_level: str
+    context_length: int | None = None
+
+
 class ModelCard(Response):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    meta: ModelMeta | None = None
 
 
 class ModelList(Response):
