@@ -325,3 +325,27 @@ def test_lineage_through_convert_quantize_and_eval_gate(
     assert len(shown["evals"]) == 1 and shown["evals"][0]["metrics"]["kl_mean"] < 0.5
     assert shown["gates"][0]["passed"] is True and shown["gates"][0]["eval"] == 0
     assert cli_json("models", "show", "smollm2:f16")["evals"] == []  # the reference is not it
+
+
+def test_encrypted_add_and_encrypt_keep_no_plain_blob_and_one_key(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgellm.registry.crypto import keygen
+
+    keygen(tmp_path / "k1")
+    keygen(tmp_path / "k2")
+    model = tiny_gguf(tmp_path / "a.gguf", 1)
+    plain = cli_json("models", "add", str(model), "--name", "p")
+    secret = cli_json("models", "add", str(model), "--name", "s", "--encrypt",
+                      "--key-file", str(tmp_path / "k1"))  # fmt: skip
+    assert secret["encrypted"] and Path(secret["blob"]).name.endswith(".enc")
+    assert Path(plain["blob"]).exists()  # `p` still serves from it
+    line = one_line_error(cli("models", "add", str(model), "--name", "t", "--encrypt",
+                              "--key-file", str(tmp_path / "k2")))  # fmt: skip
+    assert "another model key" in line
+    encrypted = cli_json("models", "encrypt", "p", "--key-file", str(tmp_path / "k1"))
+    assert encrypted["blob"] == secret["blob"] and not Path(plain["blob"]).exists()
+    unkeyed = cli("models", "verify")
+    assert unkeyed.exit_code == 3 and "give its key" in unkeyed.stderr
+    monkeypatch.setenv("EDGELLM_MODEL_KEY", (tmp_path / "k1").read_text().strip())
+    assert cli("models", "verify").exit_code == 0

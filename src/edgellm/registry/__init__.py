@@ -178,6 +178,8 @@ class Registry:
         name = blobs.blob_name(digest, encrypted=key is not None)
         final = self.blob_dir / name
         if final.exists():
+            if key is not None:
+                _check_same_key(final, key)
             return name  # the same bytes are stored already (another name, or an earlier add)
         if key is not None:
             from edgellm.registry import crypto
@@ -267,7 +269,9 @@ class Registry:
             raise ValidationError(f"{ref} ({version.short}) is encrypted already")
         check_blob(version)
         name = blobs.blob_name(version.sha256, encrypted=True)
-        if not (self.blob_dir / name).exists():
+        if (self.blob_dir / name).exists():
+            _check_same_key(self.blob_dir / name, key)
+        else:
             crypto.encrypt_file(version.blob, self.blob_dir / name, key, version.sha256,
                                 progress=progress)  # fmt: skip
         plain = version.blob
@@ -397,6 +401,18 @@ def _copied(version: Version) -> dict[str, Any]:
     values = {k: getattr(version, k) for k in keep}
     blob = version.blob.name if version.blob.parent.name == "blobs" else str(version.blob)
     return values | {"encrypted": int(version.encrypted), "blob": blob}
+
+
+def _check_same_key(blob: Path, key: bytes) -> None:
+    """An encrypted blob of these bytes exists: refuse to reuse it under another key (the
+    version would be unreadable with the key the operator just gave)."""
+    from edgellm.registry import crypto
+
+    if crypto.read_header(blob).key_id != crypto.key_id(key):
+        raise ValidationError(
+            f"these bytes are stored encrypted already ({blob.name}) under another model key: "
+            "use that key, or remove the versions using it and gc first"
+        )
 
 
 def _check_room(directory: Path, needed: int) -> None:
