@@ -75,7 +75,7 @@ class Registry:
         self.root = home / "models"
         self.blob_dir = self.root / "blobs"
         self.partial_dir = self.root / "partial"  # downloads in progress (edgellm.registry.pull)
-        for directory in (self.root, self.blob_dir, self.partial_dir):
+        for directory in (self.home, self.root, self.blob_dir, self.partial_dir):
             directory.mkdir(mode=0o700, exist_ok=True)
         self.catalog = Catalog(open_db(home / "edgellm.db"), self.blob_dir)
 
