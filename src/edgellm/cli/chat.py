@@ -20,10 +20,11 @@ def run_chat(
     url: str | None,
     model: str | None,
     system: str | None,
-    temperature: float,
-    max_tokens: int,
+    temperature: float | None,
+    max_tokens: int | None,
     api_key: str | None,
 ) -> None:
+    """`temperature` and `max_tokens` None: the model's defaults (edgellm.server.defaults)."""
     asyncio.run(_chat(url, model, system, temperature, max_tokens, api_key))
 
 
@@ -31,11 +32,12 @@ async def _chat(
     url: str | None,
     model: str | None,
     system: str | None,
-    temperature: float,
-    max_tokens: int,
+    temperature: float | None,
+    max_tokens: int | None,
     api_key: str | None,
 ) -> None:
-    options = {"temperature": temperature, "max_tokens": max_tokens}
+    given = {"temperature": temperature, "max_tokens": max_tokens}
+    options = {name: value for name, value in given.items() if value is not None}
     if url:
         async with httpx.AsyncClient(
             base_url=url.rstrip("/"), timeout=None, headers=_auth(api_key)
@@ -147,8 +149,8 @@ def _local_reply(served: Any, options: dict[str, Any]) -> Reply:
             "chat",
             served.model_id,
             ChatInput(list(history), include_reasoning=False),
-            sampling_params(temperature=options["temperature"]),
-            options["max_tokens"],
+            sampling_params(temperature=options.get("temperature")),
+            options.get("max_tokens"),
         )
         run = await pipeline.start(request)
         try:

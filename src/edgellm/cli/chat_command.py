@@ -12,8 +12,12 @@ def chat(
     url: str | None = typer.Option(None, help="A running server's /v1 URL; default: in-process."),
     model: str | None = typer.Option(None, help="Model name (with --url) or GGUF path."),
     system: str | None = typer.Option(None, help="System prompt."),
-    temperature: float = typer.Option(0.7, min=0.0, max=2.0, help="Sampling temperature."),
-    max_tokens: int = typer.Option(512, min=1, max=1 << 20, help="Most tokens per reply."),
+    temperature: float | None = typer.Option(
+        None, min=0.0, max=2.0, help="Sampling temperature.", show_default="the model's"
+    ),
+    max_tokens: int | None = typer.Option(
+        None, min=1, max=1 << 20, help="Most tokens per reply.", show_default="the model's"
+    ),
     api_key: str | None = typer.Option(
         None, envvar="EDGELLM_API_KEY", help="Bearer key for --url."
     ),

@@ -54,6 +54,9 @@ class ServedModel:
     template: ChatTemplate
     engine: AsyncEngine
     max_tokens_default: int | None = None  # when a request omits max_tokens; None: rest of ctx
+    # the version's serving defaults (`edgellm models set`): checked values by their canonical
+    # names (edgellm.registry.params); they fill what a request omits (edgellm.server.defaults)
+    params: dict[str, Any] = field(default_factory=dict)
     reasoning: ReasoningFormat | None = None  # how the model marks its thinking; None: it does not
     created: int = field(default_factory=lambda: int(time.time()))
     make_embedder: Callable[[], Embedder] | None = None  # built on first use
@@ -245,17 +248,21 @@ class ServedModel:
         prompt_param: str,
         n_ctx: int | None = None,
         request_id: str | None = None,
+        *,
+        limit_default: int | None = None,
     ) -> Request:
-        """An engine request: `limit` tokens at most (None: the rest of the context), within
-        `n_ctx` (a client's smaller context, as Ollama's num_ctx) or the model's."""
+        """An engine request: `limit` tokens at most (None: the rest of the context, at most
+        `limit_default`, else the server's max_tokens_default), within `n_ctx` (a client's
+        smaller context, as Ollama's num_ctx) or the model's."""
         bad = next((t for t, _ in sampling.logit_bias if t >= self.tokenizer.n_vocab), None)
         if bad is not None:
             raise ValidationError(f"token id {bad} is outside the vocabulary", param="logit_bias")
         n_ctx = min(n_ctx or self.n_ctx, self.n_ctx)
         if limit is None:
             limit = max(1, n_ctx - len(prompt))
-            if self.max_tokens_default is not None:
-                limit = min(limit, self.max_tokens_default)
+            default = limit_default or self.max_tokens_default
+            if default is not None:
+                limit = min(limit, default)
         if len(prompt) >= n_ctx:
             raise ContextOverflow(
                 f"the prompt is {len(prompt)} tokens; the context is {n_ctx} tokens",

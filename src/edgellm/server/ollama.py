@@ -2,8 +2,8 @@
 /api/generate, /api/embed, /api/embeddings.
 
 Field names, NDJSON streaming (the default), done reasons and the nanosecond timing fields are
-Ollama's. Sampling defaults are Ollama's documented ones (temperature 0.8, top_k 40, top_p 0.9,
-repeat_penalty 1.1 over the last 64 tokens); `options` wins over the same fields at top level.
+Ollama's. Below the model's own defaults, sampling defaults are Ollama's documented ones
+(edgellm.server.defaults.OLLAMA); `options` wins over the same fields at top level.
 The routes translate Ollama's wire shapes to the pipeline's requests and write its events;
 errors are Ollama's `{"error": "..."}` (edgellm.server.errors).
 """
@@ -23,9 +23,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from edgellm import __version__
-from edgellm.engine import SamplingParams
 from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.modelfile import file_type_name, parameter_size
+from edgellm.server.defaults import OLLAMA
 from edgellm.server.errors import ollama_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
@@ -76,9 +76,6 @@ router = APIRouter(prefix="/api", route_class=ParsedJsonRoute)
 
 NDJSON = "application/x-ndjson"
 _NS = 1_000_000_000
-DEFAULTS = SamplingParams(
-    temperature=0.8, top_p=0.9, top_k=40, repeat_penalty=1.1, penalty_last_n=64
-)
 
 
 def _now() -> str:
@@ -206,7 +203,6 @@ def _generation(
     seed = option("seed")
     temperature = option("temperature")
     sampling = sampling_params(
-        DEFAULTS,
         temperature=None if temperature is None else min(temperature, 2.0),
         top_p=option("top_p"),
         top_k=option("top_k"),
@@ -216,7 +212,7 @@ def _generation(
         frequency_penalty=option("frequency_penalty"),
         repeat_penalty=option("repeat_penalty"),
         penalty_last_n=option("repeat_last_n"),
-        stop=[stop] if isinstance(stop, str) else stop or [],
+        stop=[stop] if isinstance(stop, str) else stop,
         logit_bias=option("logit_bias"),
     )
     predict = option("num_predict")
@@ -230,6 +226,7 @@ def _generation(
         limit,
         stream=body.stream,
         n_ctx=option("num_ctx"),
+        api_sampling=OLLAMA,
         prefix=prefix or [],
         request_id=request_id_of(request.scope),
         client=client_of(request.scope),

@@ -54,6 +54,7 @@ from edgellm.server.responses import (
     documented,
 )
 from edgellm.server.wire import (
+    COMPLETION_TOKENS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -158,6 +159,7 @@ def _generation(
         sampling,
         body.token_limit,
         stream=body.stream,
+        api_max_tokens=COMPLETION_TOKENS if isinstance(body, CompletionRequest) else None,
         request_id=request_id_of(request.scope),
         client=client_of(request.scope),
         principal=principal_of(request.scope),

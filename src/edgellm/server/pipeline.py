@@ -27,6 +27,7 @@ from edgellm.engine import Request as EngineRequest
 from edgellm.engine import RequestOutput, RequestStream, SamplingParams
 from edgellm.errors import ContextOverflow, EdgeLLMError, EngineError, OutputConstraintError
 from edgellm.reasoning import ReasoningSplitter
+from edgellm.server.defaults import LLAMA_SERVER, GivenSampling, model_defaults, settle_sampling
 from edgellm.server.disconnect import unless_disconnected
 from edgellm.server.errors import mark_recorded
 from edgellm.server.keys import Principal
@@ -92,10 +93,15 @@ class GenerationRequest:
     route: str  # e.g. "/v1/chat/completions", for records
     model: str  # the name the client asked for
     input: ChatInput | TextInput
-    sampling: SamplingParams  # without grammar and max_tokens: the pipeline sets those
-    max_tokens: int | None  # None: the model's default (the rest of the context)
+    sampling: GivenSampling  # the client's fields; the pipeline adds the defaults
+    max_tokens: int | None  # None: not given
     stream: bool = False
     n_ctx: int | None = None  # a smaller context the client asks for (Ollama's num_ctx)
+    # The API's own defaults, below the model's (edgellm.server.defaults): its sampling, and
+    # its max_tokens (OpenAI's 16 on /v1/completions; None: the server's --max-tokens-default,
+    # else the rest of the context)
+    api_sampling: SamplingParams = LLAMA_SERVER
+    api_max_tokens: int | None = None
     prefix: list[int] = field(default_factory=list)  # token ids before the input (Ollama's context)
     prefix_param: str = "context"
     request_id: str | None = None  # the client-facing id (X-Request-Id); None: a new one
@@ -104,7 +110,6 @@ class GenerationRequest:
 
 
 def sampling_params(
-    defaults: SamplingParams | None = None,
     *,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -116,29 +121,26 @@ def sampling_params(
     repeat_penalty: float | None = None,
     penalty_last_n: int | None = None,
     ignore_eos: bool | None = None,
-    stop: Iterable[str] = (),
+    stop: Iterable[str] | None = None,
     logit_bias: dict[str, float] | None = None,
-) -> SamplingParams:
-    """Sampling parameters from an API's defaults and the fields a client gave (None: not
-    given). Seeds are taken modulo 2^32, as llama.cpp's sampler takes them."""
-    given: dict[str, Any] = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "min_p": min_p,
-        "presence_penalty": presence_penalty,
-        "frequency_penalty": frequency_penalty,
-        "repeat_penalty": repeat_penalty,
-        "penalty_last_n": penalty_last_n,
-        "ignore_eos": ignore_eos,
-    }
-    values = {name: value for name, value in given.items() if value is not None}
-    return dataclasses.replace(
-        defaults or SamplingParams(),
+) -> GivenSampling:
+    """The sampling fields a client gave (None: not given); the pipeline fills in the rest
+    from the model's and the API's defaults. Seeds are taken modulo 2^32, as llama.cpp's
+    sampler takes them."""
+    stops = tuple(s for s in stop or () if s)
+    return GivenSampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        penalty_last_n=penalty_last_n,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
         seed=None if seed is None else seed & 0xFFFFFFFF,
-        stop=tuple(s for s in stop if s),
+        ignore_eos=ignore_eos,
+        stop=stops or None,
         logit_bias=tuple((int(t), b) for t, b in (logit_bias or {}).items()),
-        **values,
     )
 
 
@@ -261,22 +263,34 @@ class Pipeline:
         try:
             model = self.models.resolve(request.model, request.principal)
             record.model, record.version = model.model_id, model.version
-            plan, prompt = await asyncio.to_thread(_prompt, model, request, self.schema_limits)
+            defaults = model_defaults(model.params, model.info.metadata)
+            given = _with_defaults(request.input, defaults, model)
+            plan, prompt = await asyncio.to_thread(
+                _prompt, model, given, request, self.schema_limits
+            )
             record.prompt_tokens = len(prompt)
             record.input_sha256 = ids_digest(prompt)
             sampling = dataclasses.replace(
-                request.sampling, grammar=plan.grammar if plan is not None else None
+                settle_sampling(request.sampling, defaults, request.api_sampling),
+                grammar=plan.grammar if plan is not None else None,
             )
-            param = request.input.param
+            limit, limit_default = request.max_tokens, defaults.get("max_tokens")
+            if limit is None and limit_default is None:
+                limit = request.api_max_tokens
             # the engine's own id stays unique even when clients reuse an X-Request-Id
             engine_request = model.make_request(
-                prompt, sampling, request.max_tokens, param, request.n_ctx
+                prompt,
+                sampling,
+                limit,
+                given.param,
+                request.n_ctx or defaults.get("num_ctx"),
+                limit_default=limit_default,
             )
             if request.principal is not None:
                 engine_request.tenant = request.principal.name
                 if self.cache_scope == "key":
                     engine_request.cache_scope = request.principal.name
-            stream = await _submit(model, engine_request, param)
+            stream = await _submit(model, engine_request, given.param)
             if self._interrupted is not None:  # it was being prepared when the drain ended
                 stream.abort()
                 raise self._interrupted()
@@ -341,12 +355,31 @@ def pipeline_of(request: HttpRequest) -> Pipeline:
     return pipeline
 
 
+def _with_defaults(
+    given: ChatInput | TextInput, defaults: dict[str, Any], model: ServedModel
+) -> ChatInput | TextInput:
+    """A chat with the version's system prompt when it has none, and its `reasoning` as the
+    default of `think` (a default "on" only where the model reasons); text prompts as given."""
+    if not isinstance(given, ChatInput):
+        return given
+    messages, think = given.messages, given.think
+    system = defaults.get("system")
+    if system is not None and not any(m["role"] in ("system", "developer") for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    reasoning = defaults.get("reasoning")
+    if think is None and reasoning is not None and (model.reasoning is not None or not reasoning):
+        think = reasoning
+    return dataclasses.replace(given, messages=messages, think=think)
+
+
 def _prompt(
-    model: ServedModel, request: GenerationRequest, limits: SchemaLimits
+    model: ServedModel,
+    given: ChatInput | TextInput,
+    request: GenerationRequest,
+    limits: SchemaLimits,
 ) -> tuple[ChatPlan | None, list[int]]:
     """The plan (None for text prompts) and the prompt's tokens. Blocking: schema conversion,
     grammar check, rendering and tokenizing; runs in a worker thread."""
-    given = request.input
     model.check_token_ids(request.prefix, request.prefix_param)
     if isinstance(given, TextInput):
         if isinstance(given.prompt, list):

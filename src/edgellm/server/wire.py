@@ -11,6 +11,8 @@ from edgellm.errors import ValidationError
 from edgellm.tools import Tool
 
 MAX_TOKENS_LIMIT = 1 << 24  # far beyond any context; the context check gives the real bound
+COMPLETION_TOKENS = 16  # OpenAI's max_tokens default on /v1/completions
+DEFAULT = "Default: the model's (its version's, its GGUF's, else llama.cpp server's)."
 
 
 def json_argument(text: str, max_depth: int) -> Any:
@@ -128,12 +130,18 @@ class _SamplingFields(Wire):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str = Field(min_length=1, max_length=256)
+    # Omitted (or null), a field takes the model's default: its version's parameters, else
+    # its GGUF's general.sampling.*, else llama.cpp's server's (edgellm.server.defaults).
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=100_000, description="edgellm extension; 0 disables")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="edgellm extension")
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="edgellm extension")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description=DEFAULT)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description=DEFAULT)
+    top_k: int | None = Field(
+        None, ge=0, le=100_000, description=f"edgellm extension; 0 disables. {DEFAULT}"
+    )
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description=f"edgellm extension. {DEFAULT}")
+    repeat_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description=f"edgellm extension. {DEFAULT}"
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
@@ -173,7 +181,8 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
     logprobs: int | None = None
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default here
+    # omitted: the version's max_tokens, else OpenAI's default here, 16 (COMPLETION_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
     @property
     def token_limit(self) -> int | None:
