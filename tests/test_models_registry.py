@@ -349,3 +349,29 @@ def test_encrypted_add_and_encrypt_keep_no_plain_blob_and_one_key(
     assert unkeyed.exit_code == 3 and "give its key" in unkeyed.stderr
     monkeypatch.setenv("EDGELLM_MODEL_KEY", (tmp_path / "k1").read_text().strip())
     assert cli("models", "verify").exit_code == 0
+
+
+def test_rekey_rotates_every_encrypted_blob(home: Path, tmp_path: Path) -> None:
+    from edgellm.registry.crypto import keygen
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    keygen(old)
+    keygen(new)
+    for i in range(2):
+        model = tiny_gguf(tmp_path / f"{i}.gguf", i)
+        cli_json(
+            "models", "add", str(model), "--name", f"m{i}", "--encrypt", "--key-file", str(old)
+        )
+    assert (
+        len(
+            cli_json("models", "rekey", "--key-file", str(old), "--new-key-file", str(new))[
+                "rekeyed"
+            ]
+        )
+        == 2
+    )
+    assert cli("models", "verify", "--key-file", str(new)).exit_code == 0
+    stale = cli("models", "verify", "--key-file", str(old))
+    assert stale.exit_code == 3 and "wrong key" in stale.stderr
+    again = cli_json("models", "rekey", "--key-file", str(old), "--new-key-file", str(new))
+    assert again["rekeyed"] == []  # already rotated: a rerun after a cut is harmless

@@ -453,3 +453,27 @@ def keygen(
         _echo_json({"key_file": str(out)})
     else:
         err.print(f"wrote a model key to {escape(str(out))} (0600); serve with --key-file")
+
+
+@app.command()
+@user_errors
+def rekey(
+    key_file: Path | None = KEY_FILE,
+    new_key_file: Path = typer.Option(..., "--new-key-file", help="The key to rotate to."),
+    as_json: bool = JSON,
+) -> None:
+    """Rotate the model key: re-encrypt every encrypted blob under the new key, chunk by chunk
+    in memory (nothing plain on disk). Run it again if it is cut short: blobs already under the
+    new key are skipped. Then serve with the new key and retire the old one.
+
+    Example: edgellm models rekey --key-file old.key --new-key-file new.key
+    """
+    from edgellm.registry.crypto import load_key
+
+    old, new = _required_key(key_file), load_key(new_key_file, env={})
+    with _registry() as reg:
+        done = reg.rekey(old, new, progress=_tty())
+    if as_json:
+        _echo_json({"rekeyed": done})
+    else:
+        err.print(f"re-encrypted {len(done)} blob(s) under the new key")

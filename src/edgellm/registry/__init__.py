@@ -282,6 +282,22 @@ class Registry:
             blobs.remove(plain)
         return self.resolve(ref)
 
+    def rekey(self, old_key: bytes, new_key: bytes, *, progress: bool = False) -> list[str]:
+        """Re-encrypt every encrypted blob under `new_key` (each through a temporary file
+        renamed over it: a crash leaves every blob under one key or the other, both readable
+        with the keys given). Returns the blobs' names."""
+        from edgellm.registry import crypto
+
+        done = []
+        for blob, sha256 in sorted({(v.blob, v.sha256) for v in self.versions() if v.encrypted}):
+            if crypto.read_header(blob).key_id == crypto.key_id(new_key):
+                continue  # rotated by an earlier run that was cut short
+            staging = blob.with_name(f".{blob.name}.rekey")
+            crypto.reencrypt_file(blob, staging, old_key, new_key, sha256, progress=progress)
+            os.replace(staging, blob)
+            done.append(blob.name)
+        return done
+
     # -- maintenance
 
     def gc(self, keep: int = DEFAULT_KEEP, *, dry_run: bool = False) -> GcReport:
