@@ -19,8 +19,12 @@ from edgellm.compress.convert import copy_metadata
 from edgellm.engine import SamplingParams
 from edgellm.modelfile import default_model_path, inspect_gguf
 from edgellm.reasoning import ReasoningFormat
+from edgellm.registry import Registry
+from edgellm.registry.params import parse_assignments
 from edgellm.server.defaults import GGUF_SAMPLING, LLAMA_SERVER, OLLAMA, gguf_defaults
 from edgellm.server.models import ServedModel
+from edgellm.serving import prepare_model
+from edgellm.settings import EngineSettings, ServerSettings
 from tests.gguf_tools import write_tensors
 from tests.inprocess import MODEL, ScriptedServer, scripted_server
 
@@ -266,3 +270,15 @@ async def test_edgellm_chat_sends_only_what_its_user_gave() -> None:
             reply = _http_reply(c, MODEL, {"temperature": 0.0})
             assert "".join([piece async for piece in reply(list(HI))])
             assert sampled(srv).temperature == 0.0
+
+
+def test_a_registry_versions_parameters_reach_the_served_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
+    with Registry.open() as registry:
+        registry.add_file(default_model_path(), "tiny:q4", link=True)
+        registry.set_params("tiny:q4", parse_assignments(["temperature=0.6", "ctx=1024"]))
+    served = prepare_model(ServerSettings(model=Path("tiny:q4")), EngineSettings())
+    assert served.params == {"temperature": 0.6, "num_ctx": 1024}
+    assert prepare_model(ServerSettings(), EngineSettings()).params == {}  # a plain file

@@ -26,6 +26,7 @@ FIELDS = {name: table for table, model in MODELS.items() for name in model.model
 # A valid value other than the default for every field; a new field needs one here.
 OTHER: dict[str, Any] = {
     "model": Path("/models/other.gguf"),
+    "model_key_file": Path("/etc/edgellm/model.key"),
     "model_id": "other-model",
     "host": "0.0.0.0",
     "port": 9001,

@@ -122,6 +122,7 @@ def prepare_model(server: ServerSettings, engine: EngineSettings) -> ServedModel
         template=template,
         engine=AsyncEngine(loaded.load_engine),
         max_tokens_default=server.max_tokens_default,
+        params=dict(source.version.params) if source.version else {},  # `models set` values
         reasoning=detect_reasoning(info.chat_template, server.reasoning),
         make_embedder=loaded.make_embedder,
         version_of=lambda: loaded.version,
