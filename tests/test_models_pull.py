@@ -595,3 +595,29 @@ def tiny_gguf(size: int) -> bytes:
         writer.write_tensors_to_file()
         writer.close()
         return path.read_bytes()
+
+
+def test_pull_encrypt_keeps_the_plain_download_in_memory_only(
+    server: Server, home: Path, tmp_path: Path
+) -> None:
+    """--encrypt: the download goes to /dev/shm (tmpfs), the blob is stored encrypted, and
+    no plain copy is left behind anywhere once the pull is done."""
+    from edgellm.registry import memory_partial_dir
+
+    try:
+        shm = memory_partial_dir()
+    except ValidationError as exc:
+        pytest.skip(exc.message)
+    data = tiny_gguf(1 << 20)
+    server.routes["/m.gguf"] = Route(body=data, etag=hashlib.sha256(data).hexdigest())
+    key = tmp_path / "model.key"
+    assert models("keygen", "--out", str(key)).exit_code == 0
+    url = f"{server.base}/m.gguf"
+    result = models("pull", url, "--name", "m", "--encrypt", "--key-file", str(key), "--json")
+    assert result.exit_code == 0, result.stderr
+    pulled = json.loads(result.stdout)
+    assert pulled["encrypted"] and Path(pulled["blob"]).name.endswith(".enc")
+    assert data[:4096] not in Path(pulled["blob"]).read_bytes()
+    assert store_files(home) == [Path(pulled["blob"]).name]
+    ours = hashlib.sha256(url.encode()).hexdigest()[:32]
+    assert [p.name for p in shm.iterdir() if p.name.startswith(ours)] == []
