@@ -621,3 +621,18 @@ def test_pull_encrypt_keeps_the_plain_download_in_memory_only(
     assert store_files(home) == [Path(pulled["blob"]).name]
     ours = hashlib.sha256(url.encode()).hexdigest()[:32]
     assert [p.name for p in shm.iterdir() if p.name.startswith(ours)] == []
+
+
+def test_an_unverified_pull_says_so(server: Server, home: Path) -> None:
+    """No --sha256 and no SHA-256 from the server: registered, with a warning and the
+    lineage saying nothing checked it; with a SHA-256 ETag no warning."""
+    data = tiny_gguf(1 << 16)
+    server.routes["/plain.gguf"] = Route(body=data, etag="not-a-digest")
+    result = models("pull", f"{server.base}/plain.gguf", "--name", "u", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "was not verified" in result.stderr and "--sha256" in result.stderr
+    assert json.loads(result.stdout)["operation_params"] == {"sha256_checked_against": None}
+    server.routes["/checked.gguf"] = Route(body=data, etag=hashlib.sha256(data).hexdigest())
+    result = models("pull", f"{server.base}/checked.gguf", "--name", "c", "--json")
+    assert result.exit_code == 0 and "not verified" not in result.stderr
+    assert json.loads(result.stdout)["operation"] == "pull"

@@ -137,6 +137,11 @@ def pull(
             reg.partial_dir = memory_partial_dir()
         version = do_pull(reg, source, name, sha256=sha256, encrypt_key=key, progress=_tty())
     _report(version, name, "pulled", as_json)
+    if version.operation_params.get("sha256_checked_against") is None:
+        err.print(
+            "[yellow]warning:[/yellow] nothing said what its SHA-256 should be, so it was not "
+            f"verified (it is {version.sha256}): pass --sha256 to check a download"
+        )
 
 
 @app.command("import-ollama")

@@ -105,6 +105,7 @@ def pull(
             source=source,
             progress=progress,
             sha256=done.sha256,  # hashed while it streamed: no second read
+            operation=("pull", {"sha256_checked_against": done.checked_against}),
         )
     except ModelFileError as exc:  # said of the download's temporary name: say the source
         raise ModelFileError(
