@@ -81,9 +81,10 @@ def register_output(
     from edgellm.registry import Registry
 
     with Registry.open() as registry:
-        version = registry.add_file(
-            output, ref, operation=operation, parent_sha256=parent, progress=err.is_terminal
-        )
+        version = registry.add_file(  # linked: the output and its blob share the disk space
+            output, ref, link=True, operation=operation, parent_sha256=parent,
+            progress=err.is_terminal,
+        )  # fmt: skip
     err.print(f"registered {escape(ref)}: version {version.short}")
 
 
@@ -333,6 +334,7 @@ class EvalOptions:
     record: bool  # into the manifest beside the model
     threads: int
     in_registry: bool = True  # onto the registry's versions of the model's bytes
+    label: str = ""  # how the table names the model (a registry name, or the file's name)
 
 
 @user_errors
@@ -370,6 +372,7 @@ def evaluate(
 
     with model_file(model) as (path, version), _optional_model_file(ref) as ref_path:
         opts.model, opts.ref = path, ref_path
+        opts.label = str(model) if version is not None else path.name
         opts.in_registry = opts.record
         opts.record = opts.record and version is None  # a registry blob has no manifest beside
         code = run_eval(opts, Console(highlight=False), err)
@@ -419,7 +422,12 @@ def run_eval(opts: EvalOptions, out: Console, err: Console) -> int:
         }
         out.print_json(json.dumps(body))
     else:
-        table = Table("metric", "value", "meaning", title=f"{opts.model.name} on {opts.data.name}")
+        table = Table(
+            "metric",
+            "value",
+            "meaning",
+            title=f"{opts.label or opts.model.name} on {opts.data.name}",
+        )
         scored = f"{int(result.metrics['tokens'])} tokens in {result.windows} windows of {opts.ctx}"
         table.add_row("scored", scored, "second half of each window")
         for key, value in result.metrics.items():
