@@ -282,3 +282,16 @@ def test_a_registry_versions_parameters_reach_the_served_model(
     served = prepare_model(ServerSettings(model=Path("tiny:q4")), EngineSettings())
     assert served.params == {"temperature": 0.6, "num_ctx": 1024}
     assert prepare_model(ServerSettings(), EngineSettings()).params == {}  # a plain file
+
+
+@anyio
+async def test_api_show_lists_the_versions_parameters_as_ollama_does() -> None:
+    async with scripted_server() as srv:
+        srv.model.params = {**SET, "stop": ["zz", "yy"], "max_tokens": 64, "system": "Be brief."}
+        shown = (await srv.client.post("/api/show", json={"model": MODEL})).json()
+    lines = [line.split(None, 1) for line in shown["parameters"].splitlines()]
+    assert ["temperature", "0.6"] in lines and ["num_predict", "64"] in lines
+    assert [v for k, v in lines if k == "stop"] == ['"zz"', '"yy"']
+    assert "system" not in dict(lines)
+    assert 'SYSTEM """Be brief."""' in shown["modelfile"]
+    assert "PARAMETER temperature" in shown["modelfile"]

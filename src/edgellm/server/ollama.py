@@ -87,6 +87,34 @@ def _tag(model: ServedModel) -> str:
     return model.model_id if ":" in model.model_id else f"{model.model_id}:latest"
 
 
+# `edgellm models set` names that Ollama's PARAMETER calls otherwise
+_OLLAMA_NAMES = {"max_tokens": "num_predict", "reasoning": "think"}
+
+
+def _parameters(params: dict[str, Any]) -> str:
+    """A version's serving defaults as Ollama's /api/show lists them: `name value` lines, one
+    per stop string (the system prompt is the Modelfile's SYSTEM)."""
+    lines = []
+    for name, value in params.items():
+        if name == "system":
+            continue
+        shown = _OLLAMA_NAMES.get(name, name)
+        for item in value if isinstance(value, list) else [value]:
+            text = json.dumps(item) if isinstance(item, str | bool) else str(item)
+            lines.append(f"{shown:<30} {text}")
+    return "\n".join(lines)
+
+
+def _modelfile(model: ServedModel) -> str:
+    digest = model.info.metadata.get("edgellm.sha256")
+    source = f"{model.model_id}@sha256:{digest}" if digest else str(model.info.path)
+    lines = [f"# served by edgellm {__version__}", f"FROM {source}"]
+    lines += [f"PARAMETER {line}" for line in _parameters(model.params).splitlines()]
+    if model.params.get("system"):
+        lines.append(f'SYSTEM """{model.params["system"]}"""')
+    return "\n".join(lines) + "\n"
+
+
 def _details(model: ServedModel) -> OllamaDetails:
     arch = model.info.architecture
     return OllamaDetails(
@@ -172,8 +200,8 @@ async def show(body: ShowBody, request: Request) -> dict[str, Any]:
     info.pop("tokenizer.chat_template", None)
     return OllamaShow(
         license=str(info.get("general.license", "")),
-        modelfile=f"# served by edgellm {__version__}\nFROM {model.info.path}\n",
-        parameters="",
+        modelfile=_modelfile(model),
+        parameters=_parameters(model.params),
         template=model.template.source,
         details=_details(model),
         model_info=info,
