@@ -127,7 +127,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             blob TEXT NOT NULL,             -- file name in the blob directory, or an absolute
                                             -- path for a file registered in place
             created_at TEXT NOT NULL,
-            removed_at TEXT,                -- set by gc: its blob is gone, its row stays for lineage
+            removed_at TEXT,                -- set by gc: blob gone, the row stays for lineage
             UNIQUE (model_id, sha256)
         );
         CREATE INDEX versions_sha256 ON versions (sha256);
