@@ -295,3 +295,16 @@ async def test_api_show_lists_the_versions_parameters_as_ollama_does() -> None:
     assert "system" not in dict(lines)
     assert 'SYSTEM """Be brief."""' in shown["modelfile"]
     assert "PARAMETER temperature" in shown["modelfile"]
+
+
+@anyio
+async def test_repeat_last_n_minus_one_means_the_context() -> None:
+    """-1 is "the whole context" (Ollama, llama-server); libllama itself would turn it off."""
+    async with scripted_server() as srv:
+        srv.model.params = {"repeat_penalty": 1.2, "repeat_last_n": -1}
+        assert (await srv.chat()).status_code == 200
+        assert sampled(srv).penalty_last_n == srv.model.n_ctx > 0
+        body = {"model": MODEL, "messages": HI, "stream": False,
+                "options": {"num_predict": 2, "repeat_last_n": -1, "num_ctx": 256}}  # fmt: skip
+        assert (await srv.client.post("/api/chat", json=body)).status_code == 200
+        assert sampled(srv).penalty_last_n == 256

@@ -172,7 +172,16 @@ def test_verify_catches_a_changed_blob_and_serve_refuses_it(home: Path, tmp_path
 
 
 def test_two_add_processes_at_once_both_succeed(home: Path, tmp_path: Path) -> None:
+    """Both wait for the write lock another process holds (here: the test, for 1.5 s, as a
+    slow `models add` would), then both commit."""
+    import sqlite3
+    import time
+
     files = [tiny_gguf(tmp_path / f"{i}.gguf", i, params=1 << 20) for i in range(2)]
+    cli_json("models", "list")  # the database exists, migrated
+    holder = sqlite3.connect(home / "edgellm.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
     procs = [
         subprocess.Popen(
             [*EDGELLM, "models", "add", str(f), "--name", f"m{i}:x"],
@@ -182,50 +191,13 @@ def test_two_add_processes_at_once_both_succeed(home: Path, tmp_path: Path) -> N
         )
         for i, f in enumerate(files)
     ]
+    time.sleep(1.5)
+    holder.execute("COMMIT")
+    holder.close()
     outcomes = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outcomes
+    assert time.monotonic() - started >= 1.5
     assert sorted(row["name"] for row in cli_json("models", "list")) == ["m0:x", "m1:x"]
-
-
-def test_import_ollama_links_blobs_with_names_tags_and_params(home: Path, tmp_path: Path) -> None:
-    ollama = tmp_path / "ollama"
-    blobs = ollama / "blobs"
-    blobs.mkdir(parents=True)
-
-    def blob(data: bytes) -> str:
-        import hashlib
-
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        (blobs / digest.replace(":", "-")).write_bytes(data)
-        return digest
-
-    def manifest(path: str, layers: dict[str, str]) -> None:
-        where = ollama / "manifests" / path
-        where.parent.mkdir(parents=True, exist_ok=True)
-        body = {"schemaVersion": 2, "config": {"digest": blob(b"{}")},
-                "layers": [{"mediaType": f"application/vnd.ollama.image.{kind}",
-                            "digest": digest} for kind, digest in layers.items()]}  # fmt: skip
-        where.write_text(json.dumps(body))
-
-    model = blob(tiny_gguf(tmp_path / "m.gguf", 5).read_bytes())
-    params = blob(json.dumps({"temperature": 0.6, "stop": ["</s>"], "mirostat": 1}).encode())
-    system = blob(b"You are terse.")
-    template = blob(b"{{ .Prompt }}")
-    layers = {"model": model, "params": params, "system": system, "template": template}
-    manifest("registry.ollama.ai/library/tiny/1b", layers)
-    manifest("registry.ollama.ai/someone/tiny/latest", {"model": model})
-    manifest("registry.ollama.ai/library/adapter/latest", {"adapter": model})
-    result = cli_json("models", "import-ollama", str(ollama))
-    by_name = {row["name"]: row for row in result}
-    assert set(by_name) == {"tiny:1b", "someone/tiny:latest", "adapter:latest"}
-    assert "no GGUF model layer" in by_name["adapter:latest"]["skipped"]
-    source = blobs / model.replace(":", "-")
-    for name in ("tiny:1b", "someone/tiny:latest"):
-        assert Path(by_name[name]["blob"]).stat().st_ino == source.stat().st_ino  # not copied
-    shown = cli_json("models", "show", "tiny:1b")
-    assert shown["params"] == {"temperature": 0.6, "stop": ["</s>"], "system": "You are terse."}
-    assert shown["operation"] == "import-ollama"
-    assert shown["operation_params"]["ollama_template"] == "{{ .Prompt }}"
 
 
 @pytest.mark.parametrize(
@@ -242,9 +214,19 @@ def test_import_ollama_links_blobs_with_names_tags_and_params(home: Path, tmp_pa
         (["models", "unset", "m", "tempr"], "tempr"),
         (["models", "gc", "--keep", "-1"], "--keep"),
         (["serve", "nothing:here"], "no model 'nothing'"),
+        (["models", "add", "a.gguf", "--name", "bad name!"], "is not a model name"),
+        (["models", "add", "a.gguf", "--name", "x", "--key-file", "k"], "add --encrypt"),
+        (["models", "encrypt", "nothing"], "no model 'nothing'"),
+        (["models", "encrypt", "m"], "EDGELLM_MODEL_KEY"),
+        (["models", "import-ollama", "no-such-dir"], "not an Ollama models directory"),
+        (["models", "keygen", "--out", "a.gguf"], "already exists"),
+        (["convert", "m", "--to", "f16", "-o", "o.gguf", "--register", "bad name!"], "model name"),
     ],
 )
-def test_bad_input_is_one_line(home: Path, tmp_path: Path, args: list[str], said: str) -> None:
+def test_bad_input_is_one_line(
+    home: Path, tmp_path: Path, args: list[str], said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     cli_json("models", "add", str(tiny_gguf(tmp_path / "a.gguf", 1)), "--name", "m")
     line = one_line_error(cli(*args))
     assert said in line
@@ -375,3 +357,60 @@ def test_rekey_rotates_every_encrypted_blob(home: Path, tmp_path: Path) -> None:
     assert stale.exit_code == 3 and "wrong key" in stale.stderr
     again = cli_json("models", "rekey", "--key-file", str(old), "--new-key-file", str(new))
     assert again["rekeyed"] == []  # already rotated: a rerun after a cut is harmless
+
+
+def test_adding_the_bytes_again_repairs_a_changed_blob(home: Path, tmp_path: Path) -> None:
+    model = tiny_gguf(tmp_path / "a.gguf", 1)
+    added = cli_json("models", "add", str(model), "--name", "m")
+    blob = Path(added["blob"])
+    blob.write_bytes(blob.read_bytes()[:-8] + b"12345678")
+    assert cli("models", "verify").exit_code == 3
+    cli_json("models", "add", str(model), "--name", "m")
+    assert blob.read_bytes() == model.read_bytes()
+    assert cli("models", "verify").exit_code == 0
+    blob.unlink()  # gone altogether: the next add stores it again too
+    cli_json("models", "add", str(model), "--name", "other")
+    assert cli("models", "verify").exit_code == 0
+
+
+def test_gc_removes_stray_files_no_version_names(home: Path, tmp_path: Path) -> None:
+    cli_json("models", "add", str(tiny_gguf(tmp_path / "a.gguf", 1)), "--name", "m")
+    with Registry.open() as reg:
+        stray = reg.blob_dir / ("sha256-" + "0" * 64)  # a crash between rename and commit
+        stray.write_bytes(b"x" * 100)
+        temp = reg.blob_dir / ".sha256-x.tmp"
+        temp.write_bytes(b"y" * 10)
+        assert reg.gc(stray_age_s=3600).blobs == 0  # young: it may be an add in progress
+        report = reg.gc(stray_age_s=0)
+        assert (report.blobs, report.bytes, report.versions) == (2, 110, [])
+        assert not stray.exists() and not temp.exists()
+        assert [v.blob.exists() for v in reg.versions()] == [True]
+
+
+def test_a_plain_add_of_encrypted_bytes_leaves_no_plain_copy(home: Path, tmp_path: Path) -> None:
+    from edgellm.registry.crypto import keygen
+
+    keygen(tmp_path / "k")
+    model = tiny_gguf(tmp_path / "a.gguf", 1)
+    cli_json(
+        "models", "add", str(model), "--name", "s", "--encrypt", "--key-file", str(tmp_path / "k")
+    )
+    again = cli_json("models", "add", str(model), "--name", "s")  # the version stays encrypted
+    assert again["encrypted"]
+    with Registry.open() as reg:
+        assert [p.name for p in reg.blob_dir.iterdir()] == [Path(again["blob"]).name]
+
+
+def test_an_encrypted_model_is_not_converted_to_plain(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgellm.registry.crypto import keygen
+
+    keygen(tmp_path / "k")
+    monkeypatch.setenv("EDGELLM_MODEL_KEY", (tmp_path / "k").read_text().strip())
+    model = tiny_gguf(tmp_path / "a.gguf", 1)
+    cli_json(
+        "models", "add", str(model), "--name", "s", "--encrypt", "--key-file", str(tmp_path / "k")
+    )
+    line = one_line_error(cli("convert", "s", "--to", "f16", "-o", str(tmp_path / "o.gguf")))
+    assert "stored encrypted" in line and not (tmp_path / "o.gguf").exists()

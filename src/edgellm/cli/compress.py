@@ -58,9 +58,11 @@ def convert(
 
     Example: edgellm convert model.Q4_1.gguf --to f16 -o model.f16.gguf --register smollm2:f16
     """
-    from edgellm.registry import model_file
+    from edgellm.registry import model_file, parse_ref
 
-    with model_file(source) as (path, _):
+    if register is not None:
+        parse_ref(register, param="register")  # said now, not after the conversion
+    with model_file(source, writes_weights=True) as (path, _):
         run_convert(path, to, output, err)
         if register is not None:
             parent = _sha256(path)
@@ -178,9 +180,12 @@ def quantize(
     )
     if register is not None and sweep is not None:
         raise ValidationError("--register takes one result: not with --sweep", param="register")
-    from edgellm.registry import model_file
+    from edgellm.registry import model_file, parse_ref
 
-    with model_file(source) as (path, _):
+    if register is not None:
+        parse_ref(register, param="register")  # said now, not after the quantization
+
+    with model_file(source, writes_weights=True) as (path, _):
         run_quantize(dataclasses.replace(opts, source=path), Console(highlight=False), err)
     if register is not None and output is not None:
         register_output(output, register, None, None)  # the manifest beside it has the lineage
@@ -306,9 +311,16 @@ def _record_in_registry(
 ) -> None:
     """Append the evaluation and verdict to the registry's versions of these bytes, if any."""
     from edgellm.registry import Registry
+    from edgellm.store import db_path
 
-    with Registry.open() as registry:
-        versions = registry.record_eval(_sha256(model), dict(evaluation), verdict)
+    if not db_path().exists():
+        return  # no registry here: nothing to record on (and none is made for it)
+    try:
+        with Registry.open() as registry:
+            versions = registry.record_eval(_sha256(model), dict(evaluation), verdict)
+    except EdgeLLMError as exc:  # the evaluation itself is still printed and in the manifest
+        err.print(f"[yellow]warning:[/yellow] not recorded in the registry: {escape(exc.message)}")
+        return
     for version in versions:
         err.print(f"recorded on {escape(version.model)}@{version.short} in the registry")
 

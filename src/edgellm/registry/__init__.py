@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,38 +150,52 @@ class Registry:
         info = inspect_gguf(path)  # the checks first: nothing of a bad file is stored
         digest = sha256 or _hash_with_progress(path, info.size_bytes, progress, "hashing")
         lineage = _lineage(path, digest, manifest, operation, parent_sha256)
-        stored = self._store_blob(path, digest, link=link, in_place=in_place, move=move,
-                                  key=encrypt_key, progress=progress)  # fmt: skip
+        stored = self._store_blob(path, digest, info.size_bytes, link=link, in_place=in_place,
+                                  move=move, key=encrypt_key, progress=progress)  # fmt: skip
         values = _version_values(info, digest, lineage, source or str(path.resolve()))
         values |= {"encrypted": int(encrypt_key is not None), "blob": stored}
-        with self.catalog.writing():
-            version_id = self.catalog.insert_version(name, values)
-            self.catalog.point(name, tag, version_id, "pull" if move else "add")
+        try:
+            with self.catalog.writing():
+                if not (self.blob_dir / stored).exists():  # a gc ran between store and here
+                    raise blobs.BlobError(
+                        "an `edgellm models gc` running meanwhile removed the file being "
+                        "added: nothing was added; run the add again"
+                    )
+                version_id = self.catalog.insert_version(name, values)
+                self.catalog.point(name, tag, version_id, "pull" if move else "add")
+        except BaseException:
+            self._remove_unused(stored)  # nothing recorded: no blob of ours is left without a row
+            raise
         if move:
             blobs.remove(path)  # moved already, or copied across filesystems
+        version = self.catalog.versions("v.id = ?", (version_id,))[0]
+        if version.blob != self.blob_dir / stored:
+            self._remove_unused(stored)  # the version kept its own (encrypted) blob
         if encrypt_key is not None:
-            self._drop_plain_blob(digest)
-        return self.catalog.versions("v.id = ?", (version_id,))[0]
+            self._remove_unused(blobs.blob_name(digest, encrypted=False))
+        return version
 
-    def _drop_plain_blob(self, digest: str) -> None:
-        """Once these bytes are stored encrypted, remove their plain blob unless a version
-        still serves from it (encryption on means no plain copy the operator did not ask for)."""
-        plain = self.blob_dir / blobs.blob_name(digest, encrypted=False)
-        if plain.exists() and not any(v.blob == plain for v in self.by_sha256(digest)):
-            blobs.remove(plain)
+    def _remove_unused(self, stored: str) -> None:
+        """Remove the blob `stored` unless a version uses it (never a file registered in place:
+        the registry did not write it)."""
+        path = self.blob_dir / stored
+        if path.parent == self.blob_dir and not self.catalog.blob_in_use(path):
+            blobs.remove(path)
 
     def _store_blob(
-        self, path: Path, digest: str, *, link: bool, in_place: bool, move: bool,
+        self, path: Path, digest: str, size: int, *, link: bool, in_place: bool, move: bool,
         key: bytes | None, progress: bool,
     ) -> str:  # fmt: skip
         """Put `path`'s bytes in the blob directory; returns the blob's name (or, for a file
-        registered in place, its absolute path)."""
+        registered in place, its absolute path). A blob of these bytes that is there already
+        is kept when intact, else replaced: adding the bytes again repairs it."""
         name = blobs.blob_name(digest, encrypted=key is not None)
         final = self.blob_dir / name
         if final.exists():
             if key is not None:
                 _check_same_key(final, key)
-            return name  # the same bytes are stored already (another name, or an earlier add)
+            if _intact(final, digest, size, key):
+                return name  # the same bytes are stored already (another name, an earlier add)
         if key is not None:
             from edgellm.registry import crypto
 
@@ -207,7 +222,7 @@ class Registry:
             if name == version.model:
                 version_id = version.id
             else:
-                values = _copied(version)
+                values = _copied(version, self.blob_dir)
                 version_id = self.catalog.insert_version(name, values)
             self.catalog.point(name, tag, version_id, "tag")
         return self.resolve(dst)
@@ -230,17 +245,23 @@ class Registry:
 
     # -- per-version data
 
-    def set_params(self, ref: str, values: dict[str, Any], *, replace: bool = False) -> Version:
-        version = self.resolve(ref)
-        params = dict(values) if replace else version.params | values
+    def set_params(
+        self, ref: str, values: dict[str, Any], *, only_missing: bool = False
+    ) -> Version:
+        """Merge `values` into the version's serving defaults (`only_missing`: keep the values
+        it has). Read and written in one transaction: two `models set` at once both count."""
+        self.resolve(ref)  # a name that is not there is said before the write lock is taken
         with self.catalog.writing():
+            version = self.resolve(ref)
+            params = (values | version.params) if only_missing else (version.params | values)
             self.catalog.update(version.id, params=params)
         return self.resolve(ref)
 
     def unset_params(self, ref: str, names: list[str]) -> Version:
-        version = self.resolve(ref)
-        params = {k: v for k, v in version.params.items() if k not in names}
+        self.resolve(ref)
         with self.catalog.writing():
+            version = self.resolve(ref)
+            params = {k: v for k, v in version.params.items() if k not in names}
             self.catalog.update(version.id, params=params)
         return self.resolve(ref)
 
@@ -249,9 +270,8 @@ class Registry:
     ) -> list[Version]:
         """Append an evaluation (and the gate verdict on it) to every version with these
         bytes; returns those versions."""
-        found = self.by_sha256(sha256)
         with self.catalog.writing():
-            for version in found:
+            for version in self.by_sha256(sha256):  # read under the lock: no eval is lost
                 evals = [*version.evals, evaluation]
                 gates = version.gates
                 if verdict is not None:
@@ -294,37 +314,57 @@ class Registry:
                 continue  # rotated by an earlier run that was cut short
             staging = blob.with_name(f".{blob.name}.rekey")
             crypto.reencrypt_file(blob, staging, old_key, new_key, sha256, progress=progress)
-            os.replace(staging, blob)
+            try:
+                os.replace(staging, blob)
+                blobs.fsync_dir(blob.parent)
+            except OSError as exc:
+                blobs.remove(staging)
+                raise blobs.BlobError(f"cannot replace {blob}: {exc.strerror or exc}") from exc
             done.append(blob.name)
         return done
 
     # -- maintenance
 
-    def gc(self, keep: int = DEFAULT_KEEP, *, dry_run: bool = False) -> GcReport:
+    def gc(
+        self, keep: int = DEFAULT_KEEP, *, dry_run: bool = False, stray_age_s: float = 3600
+    ) -> GcReport:
         """Remove the versions no tag points to beyond the newest `keep` of each model, then
-        the blobs no remaining version uses."""
+        every blob no remaining version uses (a stray from a crash included, once it is an
+        hour old). All under the database's write lock, so a `tag` or an `add` at the same
+        time sees the versions either before or after, never half removed."""
         if keep < 0:
             raise ValidationError("--keep must be 0 or more", param="--keep")
-        doomed: list[Version] = []
-        for name in self.catalog.model_names():
-            untagged = [v for v in self.versions(name) if not v.tags]
-            tagged_ids = {v.id for v in self.versions(name) if v.tags}
-            newest = sorted(self.versions(name), key=lambda v: v.id, reverse=True)
-            kept = {v.id for v in newest[:keep]} | tagged_ids
-            doomed += [v for v in untagged if v.id not in kept]
-        if not dry_run and doomed:
-            with self.catalog.writing():
+        with self.catalog.writing():
+            doomed = [v for name in self.catalog.model_names() for v in self._beyond(name, keep)]
+            gone = {v.id for v in doomed}
+            in_use = {v.blob for v in self.versions() if v.id not in gone}
+            orphans = {v.blob for v in doomed if v.blob.exists()} | self._strays(stray_age_s)
+            orphans = {p for p in orphans - in_use if p.parent == self.blob_dir}
+            freed = sum(p.stat().st_size for p in orphans)
+            if not dry_run:
                 for version in doomed:
                     self.catalog.update(version.id, removed_at=_now())
-        gone = {v.id for v in doomed}
-        in_use = {v.blob for v in self.versions() if v.id not in gone}
-        orphans = {v.blob for v in doomed if v.blob not in in_use and v.blob.exists()}
-        freed = sum(p.stat().st_size for p in orphans)
-        if not dry_run:
-            for path in orphans:
-                if path.parent == self.blob_dir:  # never a file registered in place
+                for path in orphans:
                     blobs.remove(path)
         return GcReport([f"{v.model}@{v.short}" for v in doomed], len(orphans), freed)
+
+    def _beyond(self, name: str, keep: int) -> list[Version]:
+        """The versions of `name` no tag points to, beyond its newest `keep`."""
+        versions = self.versions(name)
+        newest = {v.id for v in sorted(versions, key=lambda v: v.id, reverse=True)[:keep]}
+        return [v for v in versions if not v.tags and v.id not in newest]
+
+    def _strays(self, min_age_s: float) -> set[Path]:
+        """Files in the blob directory no version names (a crash between a blob's rename and
+        its row, an interrupted write's temporary file), unchanged for `min_age_s`: younger
+        ones may belong to an add in progress."""
+        named = {v.blob for v in self.versions()}
+        now = time.time()
+        return {
+            p
+            for p in self.blob_dir.iterdir()
+            if p.is_file() and p not in named and now - p.stat().st_ctime > min_age_s
+        }
 
     def verify(self, key: bytes | None = None) -> Iterator[VerifyResult]:
         """Re-hash every stored version's blob (decrypting encrypted ones with `key`)."""
@@ -409,14 +449,27 @@ def _version_values(
     }
 
 
-def _copied(version: Version) -> dict[str, Any]:
+def _copied(version: Version, blob_dir: Path) -> dict[str, Any]:
     """A version's values, for the same bytes under another name."""
     keep = ("sha256", "size", "format", "architecture", "parameters", "file_type",
             "context_length", "template_sha256", "parent_sha256", "operation",
             "operation_params", "source", "evals", "gates", "params")  # fmt: skip
     values = {k: getattr(version, k) for k in keep}
-    blob = version.blob.name if version.blob.parent.name == "blobs" else str(version.blob)
+    blob = version.blob.name if version.blob.parent == blob_dir else str(version.blob)
     return values | {"encrypted": int(version.encrypted), "blob": blob}
+
+
+def _intact(blob: Path, digest: str, size: int, key: bytes | None) -> bool:
+    """Whether the stored blob holds these bytes (re-read: a blob changed on disk is not)."""
+    if key is None:
+        return blob.stat().st_size == size and blobs.hash_file(blob) == digest
+    from edgellm.registry import crypto
+
+    try:
+        crypto.verify_encrypted(blob, key, digest)
+    except EdgeLLMError:
+        return False
+    return True
 
 
 def _check_same_key(blob: Path, key: bytes) -> None:
@@ -464,10 +517,13 @@ def _hash_with_progress(path: Path, size: int, shown: bool, what: str) -> str:
 
 
 @contextlib.contextmanager
-def model_file(text: Path | str) -> Iterator[tuple[Path, Version | None]]:
+def model_file(
+    text: Path | str, *, writes_weights: bool = False
+) -> Iterator[tuple[Path, Version | None]]:
     """The GGUF a command's MODEL argument names: an existing file as it is, else the
     registry's `name[:tag]`, checked against its hash (an encrypted one decrypted into memory
-    with $EDGELLM_MODEL_KEY, for as long as the block runs)."""
+    with $EDGELLM_MODEL_KEY, for as long as the block runs). `writes_weights`: the command
+    writes a model made from it (convert, quantize), which an encrypted one must not feed."""
     path = Path(text)
     if path.exists() or not looks_like_ref(str(text)):
         yield path, None
@@ -478,6 +534,11 @@ def model_file(text: Path | str) -> Iterator[tuple[Path, Version | None]]:
         check_blob(version)
         yield version.blob, version
         return
+    if writes_weights:
+        raise ValidationError(
+            f"{text} is stored encrypted, and this command writes the weights it makes from it "
+            "in plain: not done (decrypting an encrypted model onto a disk defeats it)"
+        )
     from edgellm.registry.crypto import decrypt_to_memory, load_key
 
     with decrypt_to_memory(version.blob, load_key(None), version.sha256) as memory:
@@ -507,8 +568,10 @@ def memory_partial_dir(root: Path = Path("/dev/shm")) -> Path:
             "`edgellm models encrypt`"
         )
     path = root / f"edgellm-partial-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    if path.stat().st_uid != os.getuid() or path.stat().st_mode & 0o077:
+    if not path.is_symlink():
+        path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()  # never followed: another user's link could lead the bytes to a disk
+    if path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise ValidationError(f"{path} is not this user's private directory: remove it")
     return path
 

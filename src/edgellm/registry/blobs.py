@@ -50,7 +50,10 @@ def hash_file(path: Path, advance: Advance | None = None) -> str:
 def staged(final: Path) -> Iterator[tuple[BinaryIO, Path]]:
     """A temporary file beside `final`, open for writing; on a clean exit it is fsynced and
     renamed to `final`, on any error removed. Disk full becomes one BlobError line."""
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise BlobError(_write_failure(final, exc)) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, Path(tmp)
@@ -75,24 +78,37 @@ def copy_into(src: Path, final: Path, advance: Advance | None = None) -> None:
         except OSError as exc:
             raise BlobError(f"cannot read {src}: {exc.strerror or exc}") from exc
         with source:
-            while block := source.read(CHUNK):
+            while block := _read(source, src):
                 out.write(block)
                 if advance is not None:
                     advance(len(block))
+
+
+def _read(source: BinaryIO, src: Path) -> bytes:
+    """The next block of `src`; a read error is said as one, not as a failed write."""
+    try:
+        return source.read(CHUNK)
+    except OSError as exc:
+        raise BlobError(f"cannot read {src}: {exc.strerror or exc}") from exc
 
 
 def link_into(src: Path, final: Path) -> bool:
     """Hard-link `src` as the blob `final`; False when the filesystem does not allow it
     (another device, no hard links), so the caller copies instead."""
     tmp = final.with_name(f".{final.name}.{os.getpid()}.link")
+    remove(tmp)  # a stale one from a run that was killed
     try:
         os.link(src, tmp)
     except OSError as exc:
         if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
             return False
         raise BlobError(f"cannot link {src} into the registry: {exc.strerror or exc}") from exc
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    try:
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        remove(tmp)
+        raise BlobError(_write_failure(final, exc)) from exc
     return True
 
 
@@ -108,6 +124,11 @@ def move_into(src: Path, final: Path) -> bool:
         raise BlobError(f"cannot move {src} into the registry: {exc.strerror or exc}") from exc
     _fsync_dir(final.parent)
     return True
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    _fsync_dir(directory)
 
 
 def remove(path: Path) -> None:

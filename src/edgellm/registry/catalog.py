@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ValidationError
-from edgellm.store import utc_now
+from edgellm.store import StoreError, utc_now
 
 DEFAULT_TAG = "latest"
 DEFAULT_KEEP = 3  # versions kept per model by gc beyond the tagged ones: rollback room
@@ -110,13 +110,23 @@ class Catalog:
     def writing(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (BEGIN IMMEDIATE) so two CLI processes queue on
         the busy timeout instead of failing half way."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # locked past the busy timeout, unreadable, ...
+            raise StoreError(f"the registry's database cannot be written: {exc}") from exc
         try:
             yield self.conn
+        except sqlite3.Error as exc:
+            self.conn.execute("ROLLBACK")
+            raise StoreError(f"the registry's database refused a change: {exc}") from exc
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # a full disk at commit
+            self.conn.execute("ROLLBACK")
+            raise StoreError(f"the registry's database could not save a change: {exc}") from exc
 
     # -- reading
 
@@ -238,14 +248,15 @@ class Catalog:
         (then only a missing blob is restored), else a new one."""
         model_id = self.model_id(name, create=True)
         row = self.conn.execute(
-            "SELECT id FROM versions WHERE model_id = ? AND sha256 = ?",
+            "SELECT id, blob FROM versions WHERE model_id = ? AND sha256 = ?",
             (model_id, values["sha256"]),
         ).fetchone()
         if row is not None:
+            missing = not (self.blob_dir / row[1]).exists()  # its file gone: take the new one
             self.conn.execute(
                 "UPDATE versions SET blob = ?, encrypted = ?, removed_at = NULL "
-                "WHERE id = ? AND (removed_at IS NOT NULL OR encrypted < ?)",
-                (values["blob"], values["encrypted"], row[0], values["encrypted"]),
+                "WHERE id = ? AND (removed_at IS NOT NULL OR encrypted < ? OR ?)",
+                (values["blob"], values["encrypted"], row[0], values["encrypted"], missing),
             )
             return int(row[0])
         columns = ["model_id", "created_at", *values]
@@ -280,6 +291,10 @@ class Catalog:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (model_id, tag, version_id, previous, operation, utc_now()),
         )
+
+    def blob_in_use(self, path: Path) -> bool:
+        """Whether a version not removed keeps its bytes in `path`."""
+        return any(v.blob == path for v in self.versions("v.removed_at IS NULL"))
 
     def update(self, version_id: int, **values: Any) -> None:
         encoded = _encoded(values)

@@ -270,6 +270,8 @@ class ServedModel:
             )
         limit = min(limit, n_ctx - len(prompt)) if n_ctx < self.n_ctx else limit
         sampling = dataclasses.replace(sampling, max_tokens=limit)
+        if sampling.penalty_last_n < 0:  # -1: the whole context, as llama-server and Ollama
+            sampling = dataclasses.replace(sampling, penalty_last_n=n_ctx)  # (libllama: off)
         request_id = request_id or uuid.uuid4().hex
         return Request(request_id, prompt, sampling, arrival_time=time.monotonic())
 

@@ -59,6 +59,15 @@ def _model_fds(model: Path) -> tuple[int, ...]:
     return (int(name),) if str(parent) == "/proc/self/fd" and name.isdigit() else ()
 
 
+# secrets of the server's environment a sandbox has no use for: a grammar that breaks out of
+# its sandbox must not find the model key (it opens every encrypted blob) or a hub token
+_SECRETS = ("EDGELLM_MODEL_KEY", "EDGELLM_API_KEY", "HF_TOKEN")
+
+
+def _sandbox_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SECRETS}
+
+
 class Sandbox:
     """One sandbox process and its shared memory (grammar text, then float32 logits)."""
 
@@ -94,6 +103,7 @@ class Sandbox:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,  # llama.cpp's parser prints there; we log deaths
                 pass_fds=(fd, *_model_fds(spec.model)),
+                env=_sandbox_env(),
                 bufsize=0,
                 # its own session: a terminal's Ctrl-C (or a signal to the server's process
                 # group) must not kill sandboxes the server still needs while it drains; the
