@@ -186,6 +186,12 @@ def test_hf_token_goes_to_the_hub_endpoint_only() -> None:
     assert "hf_secret" not in repr(resolve_source("hf://org/repo/m.gguf", env))
 
 
+def test_hf_parts_are_percent_encoded_segment_by_segment() -> None:
+    """`?`, `#` or `%` in ORG, REPO, FILE or REVISION stay in their own path segment."""
+    url = resolve_source("hf://org?x/re#po/sub%/m#1.gguf@v?1", {}).url
+    assert url == "https://huggingface.co/org%3Fx/re%23po/resolve/v%3F1/sub%25/m%231.gguf"
+
+
 def test_a_bad_hf_endpoint_is_one_line() -> None:
     with pytest.raises(ValidationError, match="HF_ENDPOINT must be an https:// or http:// URL"):
         resolve_source("hf://org/repo/m.gguf", {"HF_ENDPOINT": "mirror.example"})
@@ -636,3 +642,35 @@ def test_an_unverified_pull_says_so(server: Server, home: Path) -> None:
     result = models("pull", f"{server.base}/checked.gguf", "--name", "c", "--json")
     assert result.exit_code == 0 and "not verified" not in result.stderr
     assert json.loads(result.stdout)["operation"] == "pull"
+
+
+def test_the_stored_source_holds_no_secret_of_the_url(server: Server, home: Path) -> None:
+    """User and password (user:pass@) and the query (a signed URL's signature) are sent to the
+    server but never stored in the version's source, which models show and list print."""
+    data = tiny_gguf(1 << 16)
+    query = "X-Amz-Signature=s3cret&token=t0ken"
+    server.routes[f"/m.gguf?{query}"] = Route(body=data, etag=hashlib.sha256(data).hexdigest())
+    url = f"http://user:pa55@{server.base.removeprefix('http://')}/m.gguf?{query}#frag"
+    result = models("pull", url, "--name", "m", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["source"] == f"{server.base}/m.gguf"
+    assert server.seen[0].headers["authorization"].startswith("Basic ")  # still sent
+    shown, listed = models("show", "m", "--json"), models("list", "--json")
+    stored = (home / "edgellm.db").read_bytes()
+    for secret in ("pa55", "s3cret", "t0ken"):
+        assert secret not in shown.stdout and secret not in listed.stdout
+        assert secret.encode() not in stored
+
+
+def test_the_warning_is_about_this_pull_not_an_earlier_one(server: Server, home: Path) -> None:
+    """The same bytes pulled again under the same name are the same version (its lineage is
+    the first pull's): whether this pull was verified decides the warning."""
+    data = tiny_gguf(1 << 16)
+    server.routes["/checked.gguf"] = Route(body=data, etag=hashlib.sha256(data).hexdigest())
+    server.routes["/plain.gguf"] = Route(body=data, etag="not-a-digest")
+    checked, plain = f"{server.base}/checked.gguf", f"{server.base}/plain.gguf"
+    for name, urls in (("m", (checked, plain)), ("n", (plain, checked))):
+        for url in urls:
+            result = models("pull", url, "--name", name)
+            assert result.exit_code == 0, result.stderr
+            assert ("was not verified" in result.stderr) == (url == plain), (name, url)

@@ -123,25 +123,24 @@ def pull(
 ) -> None:
     """Download a GGUF (resuming an interrupted download), verify its SHA-256 and register it.
     hf:// resolves as the Hugging Face hub's clients do; HF_ENDPOINT names a mirror, HF_TOKEN
-    is sent as a bearer token.
+    is sent as a bearer token to HF_ENDPOINT's host (a mirror there receives it).
 
     Example: edgellm models pull hf://ORG/REPO-GGUF/model-Q4_K_M.gguf --name smollm2:q4
     """
     from edgellm.registry.pull import pull as do_pull
 
     key = _key(encrypt, key_file)
+    notices: list[str] = []  # this pull's, said after the version (which may be an older one)
     with _registry() as reg:
         if key is not None:  # the plain download stays in RAM until it is encrypted
             from edgellm.registry import memory_partial_dir
 
             reg.partial_dir = memory_partial_dir()
-        version = do_pull(reg, source, name, sha256=sha256, encrypt_key=key, progress=_tty())
+        version = do_pull(reg, source, name, sha256=sha256, encrypt_key=key, progress=_tty(),
+                          notice=notices.append)  # fmt: skip
     _report(version, name, "pulled", as_json)
-    if version.operation_params.get("sha256_checked_against") is None:
-        err.print(
-            "[yellow]warning:[/yellow] nothing said what its SHA-256 should be, so it was not "
-            f"verified (it is {version.sha256}): pass --sha256 to check a download"
-        )
+    for notice in notices:
+        err.print(f"[yellow]warning:[/yellow] {escape(notice)}")
 
 
 @app.command("import-ollama")

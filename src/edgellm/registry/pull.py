@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
@@ -47,7 +47,15 @@ if TYPE_CHECKING:
 
     from edgellm.registry import Registry, Version
 
-__all__ = ["DownloadError", "Downloaded", "Resolved", "download", "pull", "resolve_source"]
+__all__ = [
+    "DownloadError",
+    "Downloaded",
+    "Resolved",
+    "download",
+    "pull",
+    "resolve_source",
+    "stored_source",
+]
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 30.0  # connect, and the longest silence while reading, before a pull gives up
@@ -90,19 +98,24 @@ def pull(
     encrypt_key: bytes | None = None,
     progress: bool = False,
     env: Mapping[str, str] = os.environ,
+    notice: Callable[[str], None] | None = None,
 ) -> Version:
     """Download SOURCE into the registry's partial directory, verify it, and register it as
     `ref` (NAME[:TAG]). Nothing is registered unless the whole file arrived and its hash
-    matched; a file the registry refuses (not a GGUF) is removed."""
+    matched; a file the registry refuses (not a GGUF) is removed.
+
+    `notice` is told, once the file is registered, when nothing could verify this download
+    (no `sha256`, no digest from the server). The returned version's lineage cannot say so:
+    bytes the model has already are its existing version, with that version's lineage."""
     parse_ref(ref)  # a bad name is said before the download, not after it
     done = download(source, registry.partial_dir, sha256=sha256, progress=progress, env=env)
     try:
-        return registry.add_file(
+        version = registry.add_file(
             done.path,
             ref,
             move=True,
             encrypt_key=encrypt_key,
-            source=source,
+            source=stored_source(source),
             progress=progress,
             sha256=done.sha256,  # hashed while it streamed: no second read
             operation=("pull", {"sha256_checked_against": done.checked_against}),
@@ -113,13 +126,31 @@ def pull(
         ) from None
     finally:
         done.path.unlink(missing_ok=True)  # moved into the store, or refused: never kept here
+    if done.checked_against is None and notice is not None:
+        notice(
+            "nothing said what its SHA-256 should be, so it was not verified "
+            f"(it is {done.sha256}): pass --sha256 to check a download"
+        )
+    return version
+
+
+def stored_source(source: str) -> str:
+    """SOURCE as the version records it (`models show` and `list` print it): an `hf://`
+    source as written; a URL without its user and password (`user:pass@`), its query (a signed
+    URL's signature, a token) and its fragment."""
+    if source.startswith("hf://"):
+        return source
+    parts = urlsplit(source)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def resolve_source(source: str, env: Mapping[str, str]) -> Resolved:
     """`https://...` and `http://...` as they are; `hf://ORG/REPO/FILE.gguf[@REVISION]` as the
     hub's own clients resolve it: `{HF_ENDPOINT}/{ORG}/{REPO}/resolve/{REVISION}/{FILE}`
-    (FILE may name a subfolder; REVISION defaults to main). `HF_TOKEN` is sent as a bearer
-    token to the hub's endpoint only (httpx drops it on a redirect to another host)."""
+    (FILE may name a subfolder; REVISION defaults to main; each part percent-encoded).
+    `HF_TOKEN` is sent as a bearer token to HF_ENDPOINT's origin only, so a mirror named there
+    receives it (httpx drops it on a redirect to another host)."""
     endpoint = (env.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
     if not (endpoint.startswith(("https://", "http://")) and urlsplit(endpoint).hostname):
         raise ValidationError(f"HF_ENDPOINT must be an https:// or http:// URL, not {endpoint!r}")
@@ -154,8 +185,13 @@ def _hub_url(source: str, endpoint: str) -> str:
             f"cannot pull {source!r}: expected hf://ORG/REPO/FILE.gguf[@REVISION]",
             param="source",
         )
-    repo, file = "/".join(parts[:2]), "/".join(parts[2:])
-    return f"{endpoint}/{repo}/resolve/{quote(revision, safe='')}/{quote(file)}"
+    repo, file = (_segments(parts[:2]), _segments(parts[2:]))  # `?`, `#`, `%` stay in them
+    return f"{endpoint}/{repo}/resolve/{quote(revision, safe='')}/{file}"
+
+
+def _segments(parts: list[str]) -> str:
+    """Path segments, each percent-encoded, joined by `/`."""
+    return "/".join(quote(p, safe="") for p in parts)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
