@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgellm.cli.console import err, user_errors
+from edgellm.errors import ValidationError
 
 if TYPE_CHECKING:  # the registry loads only when a command runs
     from edgellm.registry import Registry, Version
@@ -47,8 +48,11 @@ def _registry() -> Iterator[Registry]:
 
 
 def _key(encrypt: bool, key_file: Path | None) -> bytes | None:
-    """The model key when encrypting (or when a key file is given), else None."""
-    if not encrypt and key_file is None:
+    """The model key when encrypting, else None; a key file without --encrypt is a mistake
+    said, not a silent encryption."""
+    if not encrypt:
+        if key_file is not None:
+            raise ValidationError("--key-file is the key to encrypt with: add --encrypt")
         return None
     return _required_key(key_file)
 
@@ -433,9 +437,9 @@ def encrypt(
 
     Example: EDGELLM_MODEL_KEY=$(cat model.key) edgellm models encrypt smollm2:q4
     """
-    key = _required_key(key_file)
     with _registry() as reg:
-        version = reg.encrypt(name, key, progress=_tty())
+        reg.resolve(name)  # an unknown name is said before the key is asked for
+        version = reg.encrypt(name, _required_key(key_file), progress=_tty())
     _report(version, name, "encrypted", as_json)
 
 
@@ -456,7 +460,10 @@ def keygen(
     if as_json:
         _echo_json({"key_file": str(out)})
     else:
-        err.print(f"wrote a model key to {escape(str(out))} (0600); serve with --key-file")
+        err.print(
+            f"wrote a model key to {escape(str(out))} (0600): `edgellm models add/pull/encrypt"
+            " --key-file` it, `edgellm serve --model-key-file` it; keep a copy elsewhere"
+        )
 
 
 @app.command()
