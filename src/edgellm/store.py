@@ -149,6 +149,26 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0004_deployments",
+        """
+        -- how a tag is served beyond where it points (edgellm.registry.deploy): its quality
+        -- gate, a canary or mirror candidate, an SLO fallback. No row: none of these.
+        CREATE TABLE deployments (
+            model_id INTEGER NOT NULL REFERENCES models (id),
+            tag TEXT NOT NULL,
+            gate TEXT,                      -- a gate expression (edgellm.evaluate.gate)
+            candidate_id INTEGER REFERENCES versions (id),  -- canary / mirror; NULL: none
+            weight REAL NOT NULL DEFAULT 0, -- percent of conversations sent to the candidate
+            mirror REAL NOT NULL DEFAULT 0, -- percent of requests copied to the candidate
+            fallback_id INTEGER REFERENCES versions (id),   -- the SLO fallback; NULL: none
+            ttft_p99_s REAL,                -- the fallback's objective: p99 TTFT, seconds
+            window_s REAL NOT NULL DEFAULT 60, -- the window the p99 is taken over, seconds
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (model_id, tag)
+        );
+        """,
+    ),
 )
 
 _LEDGER = """

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the registry loads only when a command runs
 app = typer.Typer(
     name="models",
     help="The model registry: add, pull, import from Ollama, tag, list, show, set defaults, "
-    "encrypt, gc, verify.",
+    "encrypt, gc, verify; promote, rollback, canary, fallback.",
     no_args_is_help=True,
 )
 
@@ -234,8 +234,10 @@ def show(
         chain = reg.lineage(version)
         history = reg.history(version.model)
         tags = [(ref, v.short) for ref, v in reg.tags() if v.model == version.model]
+        deployment = reg.deployment(name)
     if as_json:
         _echo_json(version.as_json() | {
+            "deployment": deployment.as_json(),
             "lineage": [c.as_json() if not isinstance(c, str) else {"sha256": c} for c in chain],
             "tag_pointers": dict(tags),
             "tag_history": [m.__dict__ if hasattr(m, "__dict__") else _move(m) for m in history],
@@ -256,6 +258,11 @@ def show(
                       f"{escape(op)}")  # fmt: skip
     _print_evals(out, version)
     out.print("tags: " + (", ".join(f"{escape(r)} -> {s}" for r, s in tags) or "none"))
+    from edgellm.cli.models_deploy import deployment_lines
+
+    out.print("deployment:")
+    for line in deployment_lines(deployment):
+        out.print(f"  {escape(line)}")
     out.print("tag history:")
     for move in history:
         out.print(f"  {move.at} {escape(move.tag)}: {move.previous or '-'} -> "
@@ -388,16 +395,29 @@ def set_params(
 ) -> None:
     """Serving defaults of a version, used for fields a request omits (as Ollama's Modelfile
     PARAMETER and SYSTEM): temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
-    stop, num_ctx, max_tokens, system, reasoning.
+    stop, num_ctx, max_tokens, system, reasoning. `gate=EXPR` is the tag's instead: the
+    quality gate a version must pass to be promoted or canaried on it (edgellm eval --gate).
 
     Example: edgellm models set r1-7b temperature=0.6 top_p=0.95
+    Example: edgellm models set r1-7b:prod gate="kl_mean<0.05,ppl_ratio<1.05"
     """
+    from edgellm.evaluate.gate import parse_gate
+    from edgellm.registry.deploy import set_gate
     from edgellm.registry.params import parse_assignments
 
-    values = parse_assignments(assignments)
+    gates = [a.partition("=")[2] for a in assignments if a.strip().startswith("gate=")]
+    rest = [a for a in assignments if not a.strip().startswith("gate=")]
+    if len(gates) > 1:
+        raise ValidationError("give gate= once", param="gate")
+    values = parse_assignments(rest) if rest else {}
+    for gate in gates:
+        parse_gate(gate)  # every assignment is checked before anything is written
     with _registry() as reg:
-        version = reg.set_params(name, values)
-    _print_params(version, name, as_json)
+        if gates:
+            set_gate(reg, name, gates[0])
+        version = reg.set_params(name, values) if values else reg.resolve(name)
+        gate_now = reg.deployment(name).gate
+    _print_params(version, name, as_json, gate_now)
 
 
 @app.command()
@@ -407,23 +427,31 @@ def unset(
     keys: list[str] = typer.Argument(..., help="KEY ..."),
     as_json: bool = JSON,
 ) -> None:
-    """Remove serving defaults of a version.
+    """Remove serving defaults of a version (`gate`: the tag's gate).
 
     Example: edgellm models unset r1-7b temperature
     """
+    from edgellm.registry.deploy import set_gate
     from edgellm.registry.params import check_names
 
+    rest = [k for k in keys if k.strip() != "gate"]
+    names = check_names(rest) if rest else []
     with _registry() as reg:
-        version = reg.unset_params(name, check_names(keys))
-    _print_params(version, name, as_json)
+        if len(rest) < len(keys):
+            set_gate(reg, name, None)
+        version = reg.unset_params(name, names) if names else reg.resolve(name)
+        gate_now = reg.deployment(name).gate
+    _print_params(version, name, as_json, gate_now)
 
 
-def _print_params(version: Version, ref: str, as_json: bool) -> None:
+def _print_params(version: Version, ref: str, as_json: bool, gate: str | None) -> None:
     if as_json:
-        _echo_json({"name": ref, "version": version.short, "params": version.params})
+        _echo_json({"name": ref, "version": version.short, "params": version.params,
+                    "gate": gate})  # fmt: skip
     else:
         shown = " ".join(f"{k}={json.dumps(v)}" for k, v in version.params.items()) or "none"
-        err.print(f"{escape(ref)} ({version.short}) defaults: {escape(shown)}")
+        err.print(f"{escape(ref)} ({version.short}) defaults: {escape(shown)}"
+                  + (f"; gate: {escape(gate)}" if gate else ""))  # fmt: skip
 
 
 @app.command()
@@ -488,3 +516,7 @@ def rekey(
         _echo_json({"rekeyed": done})
     else:
         err.print(f"re-encrypted {len(done)} blob(s) under the new key")
+
+
+# the deployment commands (promote, rollback, canary, fallback) register on `app` too
+from edgellm.cli import models_deploy  # noqa: E402, F401

@@ -36,15 +36,27 @@ from edgellm.registry.catalog import (
     Version,
     parse_ref,
 )
+from edgellm.registry.deploy import (
+    Deployment,
+    GateRefused,
+    Move,
+    TagNotFound,
+    read_deployment,
+    read_deployments,
+)
 from edgellm.store import open_db
 
 __all__ = [
     "DEFAULT_KEEP",
     "DEFAULT_TAG",
     "VERSION_CHARS",
+    "Deployment",
+    "GateRefused",
     "GcReport",
+    "Move",
     "Registry",
     "TagMove",
+    "TagNotFound",
     "VerifyResult",
     "Version",
     "check_blob",
@@ -115,6 +127,15 @@ class Registry:
 
     def lineage(self, version: Version) -> list[Version | str]:
         return self.catalog.lineage(version)
+
+    def deployment(self, ref: str) -> Deployment:
+        """How the tag `ref` is served: target, gate, canary, fallback (edgellm.registry.deploy,
+        which has the operations that change it). TagNotFound for a tag that is not there."""
+        return read_deployment(self.catalog, ref)
+
+    def deployments(self) -> list[Deployment]:
+        """Every tag's deployment, with or without settings, by name then tag."""
+        return read_deployments(self.catalog)
 
     def by_sha256(self, sha256: str) -> list[Version]:
         return self.catalog.versions("v.sha256 = ? AND v.removed_at IS NULL", (sha256,))
@@ -236,11 +257,12 @@ class Registry:
             self.catalog.point(name, tag, version.id, operation)
 
     def untag(self, ref: str) -> Version:
-        """Remove the tag `ref`; its version stays until gc."""
+        """Remove the tag `ref` and its deployment settings; its version stays until gc."""
         version = self.resolve(ref)
         name, tag = parse_ref(ref)
         with self.catalog.writing():
             self.catalog.point(name, tag, None, "rm")
+            self.catalog.drop_deployment(name, tag)
         return version
 
     # -- per-version data
@@ -328,14 +350,17 @@ class Registry:
     def gc(
         self, keep: int = DEFAULT_KEEP, *, dry_run: bool = False, stray_age_s: float = 3600
     ) -> GcReport:
-        """Remove the versions no tag points to beyond the newest `keep` of each model, then
-        every blob no remaining version uses (a stray from a crash included, once it is an
+        """Remove the versions no tag points to beyond the newest `keep` of each model (never
+        a canary's candidate or a fallback a deployment names), then every blob no remaining
+        version uses (a stray from a crash included, once it is an
         hour old). All under the database's write lock, so a `tag` or an `add` at the same
         time sees the versions either before or after, never half removed."""
         if keep < 0:
             raise ValidationError("--keep must be 0 or more", param="--keep")
         with self.catalog.writing():
-            doomed = [v for name in self.catalog.model_names() for v in self._beyond(name, keep)]
+            deployed = self.catalog.deployed_version_ids()
+            doomed = [v for name in self.catalog.model_names() for v in self._beyond(name, keep)
+                      if v.id not in deployed]  # fmt: skip
             gone = {v.id for v in doomed}
             in_use = {v.blob for v in self.versions() if v.id not in gone}
             orphans = {v.blob for v in doomed if v.blob.exists()} | self._strays(stray_age_s)

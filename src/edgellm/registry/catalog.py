@@ -292,6 +292,56 @@ class Catalog:
             (model_id, tag, version_id, previous, operation, utc_now()),
         )
 
+    def deployment_rows(
+        self, where: str = "1", args: tuple[Any, ...] = ()
+    ) -> list[tuple[Any, ...]]:
+        """(name, tag, version_id, gate, candidate_id, weight, mirror, fallback_id, ttft_p99_s,
+        window_s) of every tag matching `where`, by name then tag: a tag without settings has
+        NULLs (edgellm.registry.deploy turns these into Deployments)."""
+        return self.conn.execute(
+            "SELECT m.name, t.tag, t.version_id, d.gate, d.candidate_id, d.weight, d.mirror, "
+            "d.fallback_id, d.ttft_p99_s, d.window_s FROM tags t "
+            "JOIN models m ON m.id = t.model_id "
+            "LEFT JOIN deployments d ON d.model_id = t.model_id AND d.tag = t.tag "
+            f"WHERE {where} ORDER BY m.name, t.tag",
+            args,
+        ).fetchall()
+
+    def moves(self, name: str, tag: str) -> list[tuple[str, int | None, int | None]]:
+        """(operation, version_id, previous_id) of every move of `name:tag`, oldest first."""
+        rows = self.conn.execute(
+            "SELECT h.operation, h.version_id, h.previous_id FROM tag_history h "
+            "JOIN models m ON m.id = h.model_id WHERE m.name = ? AND h.tag = ? ORDER BY h.id",
+            (name, tag),
+        ).fetchall()
+        return [(str(op), vid, prev) for op, vid, prev in rows]
+
+    def save_deployment(self, name: str, tag: str, values: dict[str, Any]) -> None:
+        """Write the whole settings row of `name:tag` (gate, candidate_id, weight, mirror,
+        fallback_id, ttft_p99_s, window_s)."""
+        columns = ["model_id", "tag", *values, "updated_at"]
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO deployments ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))})",
+            (self.model_id(name), tag, *values.values(), utc_now()),
+        )
+
+    def drop_deployment(self, name: str, tag: str) -> None:
+        self.conn.execute(
+            "DELETE FROM deployments WHERE tag = ? AND model_id = "
+            "(SELECT id FROM models WHERE name = ?)",
+            (tag, name),
+        )
+
+    def deployed_version_ids(self) -> set[int]:
+        """The versions a deployment names besides its target: candidates and fallbacks of
+        tags that exist (gc keeps them)."""
+        rows = self.conn.execute(
+            "SELECT d.candidate_id, d.fallback_id FROM deployments d JOIN tags t "
+            "ON t.model_id = d.model_id AND t.tag = d.tag"
+        ).fetchall()
+        return {vid for row in rows for vid in row if vid is not None}
+
     def blob_in_use(self, path: Path) -> bool:
         """Whether a version not removed keeps its bytes in `path`."""
         return any(v.blob == path for v in self.versions("v.removed_at IS NULL"))
