@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgellm.server.gpu import GPU_SERIES, GpuGauges
+from edgellm.server.lifecycle import ModelTable
 from edgellm.server.metrics import Metrics
-from edgellm.server.models import ModelTable
 
 
 class _NvmlError(Exception):

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from edgellm.server.models import ModelTable, name_keys
+from edgellm.server.lifecycle import ModelTable
+from edgellm.server.models import name_keys
 from edgellm.server.pipeline import Record
 from edgellm.settings import ServerSettings
 from tests.inprocess import MODEL, TextRunner, scripted_model, scripted_server
@@ -121,7 +122,8 @@ async def test_the_model_table_changes_while_serving() -> None:
         assert (await srv.chat(model=f"{MODEL}:v2")).status_code == 404
         table.add(srv.model, tag="v2")
         assert (await srv.chat(model=f"{MODEL}:v2")).status_code == 200
-        assert [m["id"] for m in (await srv.client.get("/v1/models")).json()["data"]] == [MODEL]
+        listed = [m["id"] for m in (await srv.client.get("/v1/models")).json()["data"]]
+        assert listed == [MODEL, f"{MODEL}:v2"]  # each served name
         assert table.remove(MODEL) is srv.model
         assert (await srv.chat()).status_code == 404
         assert (await srv.chat(model=f"{MODEL}:v2")).status_code == 200

@@ -344,3 +344,65 @@ class ServerSettings(_LayerSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+class ModelsSettings(_LayerSettings):
+    """Which registry models one server serves, and how many stay loaded."""
+
+    toml_table: ClassVar[str] = "models"
+
+    names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Registry models NAME[:TAG] to serve (or give them as MODEL_PATH ...).",
+        json_schema_extra={"shown_default": "none"},
+    )
+    all: bool = Field(False, description="Serve every tagged model of the registry.")
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Served models to load at start; the others load on their first request.",
+        json_schema_extra={"shown_default": "a single served model"},
+    )
+    max_models: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Most models loaded at once; the least recently used "
+        "idle one is unloaded to make room.",
+        json_schema_extra={"shown_default": "no limit"},
+    )
+    max_memory: str | None = Field(
+        None,
+        description="Memory the loaded models may take (weights + KV cache + buffers), e.g. "
+        "8G, 800M; the least recently used idle model is unloaded to make room.",
+        json_schema_extra={"shown_default": "no limit"},
+    )
+    model_keep_alive: str = Field(
+        "5m",
+        description="How long a model stays loaded after its last request (Ollama's "
+        "keep_alive: 30s, 5m, 1h; 0: unload at once; -1: forever). A single served model "
+        "stays loaded unless this is set.",
+    )
+
+    @field_validator("names", "preload", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from edgellm.server.lifecycle.memory import parse_size
+
+            parse_size(value)
+        return value
+
+    @field_validator("model_keep_alive")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        from edgellm.server.lifecycle.keep_alive import parse_keep_alive
+
+        parse_keep_alive(value, "model_keep_alive")
+        return value

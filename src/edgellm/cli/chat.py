@@ -132,7 +132,7 @@ def _http_reply(client: httpx.AsyncClient, name: str, options: dict[str, Any]) -
 
 def _local_reply(served: Any, options: dict[str, Any]) -> Reply:
     """Replies from an in-process engine, through the same pipeline as the server's routes."""
-    from edgellm.server.models import ModelTable
+    from edgellm.server.lifecycle import ModelTable
     from edgellm.server.pipeline import (
         ChatInput,
         GenerationRequest,

@@ -15,43 +15,64 @@ import typer
 from edgellm.cli.console import err, user_errors
 from edgellm.cli.options import settings_options
 from edgellm.errors import EdgeLLMError, ValidationError
-from edgellm.settings import EngineSettings, ServerSettings
+from edgellm.settings import EngineSettings, ModelsSettings, ServerSettings
 
 
 def settings_from_cli(
-    model_path: Path | None, config: Path | None, flags: Mapping[str, Any]
-) -> tuple[ServerSettings, EngineSettings]:
+    model_path: list[str] | str | Path | None, config: Path | None, flags: Mapping[str, Any]
+) -> tuple[ServerSettings, EngineSettings, ModelsSettings]:
     """The settings `serve` runs with: `flags` (None: not given) over `EDGELLM_*` variables,
-    over the config file (`config`, else `$EDGELLM_CONFIG`), over the models' defaults."""
-    if model_path is not None:
-        if flags.get("model") is not None:
+    over the config file (`config`, else `$EDGELLM_CONFIG`), over the models' defaults.
+    `model_path`: the command's arguments (one: the model, as --model; several: names)."""
+    given = [str(model_path)] if isinstance(model_path, str | Path) else list(model_path or [])
+    if given:
+        if flags.get("model") is not None or flags.get("names") is not None:
             raise ValidationError("give the model once: MODEL_PATH or --model", param="model")
-        flags = {**flags, "model": model_path}
+        if len(given) == 1:
+            flags = {**flags, "model": Path(given[0])}
+        else:
+            flags = {**flags, "names": ",".join(given)}
     server = {k: v for k, v in flags.items() if k in ServerSettings.model_fields}
-    engine = {k: v for k, v in flags.items() if k not in server}
-    return ServerSettings.load(config, **server), EngineSettings.load(config, **engine)
+    models = {k: v for k, v in flags.items() if k in ModelsSettings.model_fields}
+    engine = {k: v for k, v in flags.items() if k not in server and k not in models}
+    return (
+        ServerSettings.load(config, **server),
+        EngineSettings.load(config, **engine),
+        ModelsSettings.load(config, **models),
+    )
 
 
-@settings_options((ServerSettings, "Server"), (EngineSettings, "Engine"))
+@settings_options(
+    (ServerSettings, "Server"), (EngineSettings, "Engine"), (ModelsSettings, "Models")
+)
 @user_errors
 def serve(
-    model_path: Path | None = typer.Argument(None, help="GGUF file; default: the embedded model."),
+    model_path: list[str] | None = typer.Argument(
+        None,
+        help="GGUF file or registry NAME[:TAG]; several registry names to serve them all; "
+        "default: the embedded model.",
+        show_default=False,
+    ),
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     config: Path | None = typer.Option(
         None, help="TOML config file with \\[server] and \\[engine] tables."
     ),
     **flags: Any,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+    """Serve models over OpenAI- and Ollama-compatible HTTP APIs with continuous batching.
 
-    Every Server and Engine option is also an EDGELLM_<NAME> environment variable and a key of
-    the config file's \\[server] or \\[engine] table; a flag beats the environment, which beats
-    the file.
+    Registry models (edgellm models) load on their first request and follow their tags: a
+    promote, rollback or canary takes effect within a second, without failing a request.
 
-    Example: edgellm serve --port 8000 --parallel 8
+    Every Server, Engine and Models option is also an EDGELLM_<NAME> environment variable and
+    a key of the config file's \\[server], \\[engine] or \\[models] table; a flag beats the
+    environment, which beats the file.
+
+    Example: edgellm serve --port 8000 --parallel 8; edgellm serve smollm2:prod r1:q4
+    --max-memory 6G
     then: curl http://127.0.0.1:8000/v1/models
     """
-    server_settings, engine_settings = settings_from_cli(model_path, config, flags)
+    server_settings, engine_settings, models_settings = settings_from_cli(model_path, config, flags)
 
     from edgellm.server import create_app
     from edgellm.server.app import is_loopback
@@ -59,37 +80,44 @@ def serve(
     from edgellm.server.keys import KeyStore
     from edgellm.server.logs import configure as configure_logging
     from edgellm.server.tls import server_context, warn_if_key_readable
-    from edgellm.serving import prepare_model
+    from edgellm.serving import model_table
 
     keys = KeyStore.open()  # the data directory's keys; a running server sees changes
     if not is_loopback(server_settings.host) and not insecure:
         check_keys_for_public_bind(server_settings, keys)
     tls = server_context(server_settings.tls_cert, server_settings.tls_key)  # checked first
-    model = prepare_model(server_settings, engine_settings)
+    table = model_table(server_settings, engine_settings, models_settings)
     configure_logging(server_settings.log_format, server_settings.log_level)
     warn_if_key_readable(server_settings.tls_key)
-    app_ = create_app(server_settings, [model], keys=keys)
+    app_ = create_app(server_settings, table, keys=keys)
     raise_open_files_limit()
     uv = _uvicorn(app_, server_settings, tls)
     scheme = "https" if tls else "http"
     base = f"{scheme}://{server_settings.host}:{server_settings.port}/v1"
 
+    failure: list[str] = []
+
     def announce() -> None:
-        model.engine.wait_loaded()
-        if model.engine.load_error is not None:
+        problem = table.wait_preloaded()
+        if problem is not None:
+            failure.append(problem)
             uv.should_exit = True
-        elif server_settings.log_format == "json":  # every line of the log parses
+            return
+        names = [s.model_id for s in table.slots()]
+        versions = [table.card(s).version for s in table.slots()]
+        if server_settings.log_format == "json":  # every line of the log parses
             logging.getLogger("edgellm.server").info(
-                "serving %s (version %s) at %s", model.model_id, model.version, base
+                "serving %s (version %s) at %s", ", ".join(names), ", ".join(versions), base
             )
         else:
-            err.print(f"edgellm: serving [bold]{model.model_id}[/bold] at {base}")
+            shown = ", ".join(f"[bold]{n}[/bold]" for n in names)
+            err.print(f"edgellm: serving {shown} at {base}")
 
     threading.Thread(target=announce, daemon=True).start()
     gc.freeze()  # what start-up made lives on: the collector never rescans it (shorter pauses)
     uv.run()
-    if model.engine.load_error is not None:
-        raise EdgeLLMError(f"model failed to load: {model.engine.load_error}")
+    if failure:
+        raise EdgeLLMError(f"model failed to load: {failure[0]}")
     if not uv.started:
         raise typer.Exit(1)
 

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from edgellm.engine.request import Request, RequestStatus, finish_reason
 from edgellm.engine.runner import Runner, Tokenizer
 from edgellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from edgellm.engine.text import TextStream
+from edgellm.engine.turns import StepTurns
 from edgellm.errors import (
     EdgeLLMError,
     EngineDown,
@@ -213,8 +215,16 @@ class AsyncEngine:
     queue drained between steps, and outputs come back with one `call_soon_threadsafe` per step.
     """
 
-    def __init__(self, load: Callable[[], Engine], name: str = "edgellm-engine"):
+    def __init__(
+        self,
+        load: Callable[[], Engine],
+        name: str = "edgellm-engine",
+        turns: StepTurns | None = None,
+    ):
         self._load = load
+        self._turns = turns  # shared with the other engines of the process: steps take turns
+        self.loaded_at: float | None = None  # monotonic: when the engine became ready
+        self.stopped = False  # shut down (unloaded): it serves nothing any more
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,12 +242,16 @@ class AsyncEngine:
         self._loop = loop or asyncio.get_running_loop()
         self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and self._loaded.is_set()
+        return self._engine is not None and self._loaded.is_set() and not self.stopped
 
     @property
     def engine(self) -> Engine:
@@ -302,10 +316,12 @@ class AsyncEngine:
             self._loaded.set()
             return
         self._stats = self._engine.scheduler.stats()
+        self.loaded_at = time.monotonic()
         self._loaded.set()
         try:
             self._serve(self._engine)
         finally:
+            self.stopped = True
             self._engine.close()
 
     def _serve(self, engine: Engine) -> None:
@@ -319,7 +335,11 @@ class AsyncEngine:
             if not engine.has_work():
                 continue
             try:
-                outputs = engine.step()
+                if self._turns is None:
+                    outputs = engine.step()
+                else:
+                    with self._turns.turn():
+                        outputs = engine.step()
             except Exception as exc:
                 log.exception("engine step failed; the engine stops")
                 self._die(engine, f"an engine step raised {type(exc).__name__}")

@@ -22,11 +22,12 @@ from edgellm.server.drain import Drain, DrainGate
 from edgellm.server.errors import install_error_handlers
 from edgellm.server.guard import GuardPolicy, RequestGuard
 from edgellm.server.keys import KeyRing, KeyStore, principal_of
+from edgellm.server.lifecycle import ModelTable
 from edgellm.server.limits import Limits
 from edgellm.server.logs import RequestLog
 from edgellm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgellm.server.metrics import Metrics
-from edgellm.server.models import ModelTable, ServedModel, models_of
+from edgellm.server.models import ServedModel, models_of
 from edgellm.server.ollama import router as ollama_router
 from edgellm.server.openai import router as openai_router
 from edgellm.server.pipeline import GENERATION_ROUTES, Pipeline, RecordSink
@@ -38,32 +39,29 @@ from edgellm.settings import ServerSettings
 
 def create_app(
     settings: ServerSettings,
-    models: list[ServedModel],
+    models: list[ServedModel] | ModelTable,
     sinks: Iterable[RecordSink] = (),
     keys: KeyStore | None = None,
 ) -> FastAPI:
     """Build the app. Engines start with the app's lifespan and stop with it. Each generation
     request's final record goes to every one of `sinks`. `keys`: the API keys it accepts
-    besides `settings.api_key` (serve passes the data directory's; None: none)."""
+    besides `settings.api_key` (serve passes the data directory's; None: none). `models`:
+    ready-made models, or a model table (registry names loaded on demand)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        started = table.list_models()
-        for model in started:
-            model.engine.start(loop)
+        table.start(asyncio.get_running_loop())
         app.state.keys.announce()  # whether auth is on, and with how many keys
         if audit is not None:
             audit.start()
         try:
             yield
         finally:
-            for model in started:
-                await asyncio.to_thread(model.engine.shutdown)
+            await table.shutdown()
             if audit is not None:  # after the engines: the last records are in
                 await asyncio.to_thread(audit.close)
 
-    table = ModelTable(models)
+    table = models if isinstance(models, ModelTable) else ModelTable(models)
     app = FastAPI(title="edgellm", version=__version__, lifespan=lifespan)
     app.state.models = table
     app.state.limits = Limits.from_settings(settings)  # what one request may ask (routes)
@@ -88,7 +86,7 @@ def create_app(
         sinks = [*sinks, audit.record]
         app.state.error_observers.append(audit.on_error)
     app.state.quotas = quotas = Quotas()
-    sinks = [RequestLog(with_text=settings.log_prompts), quotas.observe, *sinks]
+    sinks = [RequestLog(with_text=settings.log_prompts), quotas.observe, table.observe, *sinks]
     app.state.pipeline = pipeline = Pipeline(
         table,
         sinks,
@@ -97,6 +95,8 @@ def create_app(
         schema_limits=app.state.limits.grammar,
         deadline_s=settings.request_timeout,
     )
+    if settings.metrics:
+        pipeline.shadow_sinks.append(metrics.observe)  # mirror copies and probes: metrics only
 
     def record_refusal(scope: Scope, exc: EdgeLLMError, recorded: bool) -> None:
         """Generation requests refused before the pipeline get their record too."""
@@ -132,29 +132,43 @@ async def root() -> str:
 async def health(request: Request) -> JSONResponse:
     """Alive: the process answers and no engine has stopped after an internal error (503
     with the reason then: the process must be restarted). Says nothing about loading."""
-    failed = {m.model_id: m.engine.failure for m in models_of(request) if m.engine.failure}
+    failed = {
+        i.model.model_id: i.model.engine.failure
+        for i in models_of(request).loaded()
+        if i.model.engine.failure
+    }
     if failed:
         return JSONResponse({"status": "error", "engines": failed}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> JSONResponse:
-    """200 once every model is loaded, with engine stats; 503 while loading, failed or
-    draining (shutting down)."""
+    """200 when a request can be taken now, with engine stats; 503 while a model that must be
+    loaded at start is loading, when one failed, or while draining (shutting down). A served
+    name that loads on demand is ready when it is not loaded."""
     body: dict[str, Any] = {"models": {}}
     drain: Drain = request.app.state.drain
     status = "ready"
-    for model in models_of(request):
-        engine = model.engine
-        if engine.load_error is not None or engine.failure is not None:
+    table = models_of(request)
+    state = table.describe()
+    for slot in table.slots():
+        instance = next((i for i in table.loaded() if i.key == slot.target), None)
+        entry: dict[str, Any] = {k: v for k, v in state["models"][slot.model_id].items()
+                                 if k != "ref" and v is not None}  # fmt: skip
+        engine = instance.model.engine if instance is not None else None
+        if engine is not None and (engine.load_error is not None or engine.failure is not None):
             status = "error"
-            reason = engine.failure or str(engine.load_error)
-            body["models"][model.model_id] = {"status": "error", "error": reason}
-        elif not engine.ready:
+            entry |= {"status": "error", "error": engine.failure or str(engine.load_error)}
+        elif engine is not None and not engine.ready:
             status = "loading" if status == "ready" else status
-            body["models"][model.model_id] = {"status": "loading"}
+            entry["status"] = "loading"
+        elif engine is not None:
+            entry |= {"status": "ready", **describe(engine.stats())}
         else:
-            body["models"][model.model_id] = {"status": "ready", **describe(engine.stats())}
+            entry["status"] = "unloaded"  # loads on its first request
+        body["models"][slot.model_id] = entry
+    if any(s.ref for s in table.slots()):
+        body["loaded"], body["budget"] = state["loaded"], state["budget"]
     if drain.draining:
         status, body["in_flight"] = "draining", drain.in_flight
     audit: AuditTrail | None = request.app.state.audit

@@ -29,7 +29,7 @@ from starlette.types import Scope
 
 from edgellm.errors import EdgeLLMError
 from edgellm.server.gpu import GpuGauges
-from edgellm.server.models import ModelTable
+from edgellm.server.lifecycle import ModelTable
 from edgellm.server.pipeline import Record
 
 # Seconds: from a GPU's milliseconds to a 2-core box's tens of seconds for a long answer.
@@ -124,9 +124,8 @@ class Metrics:
 
     def _labels(self, record: Record) -> tuple[str, str]:
         """(model, version) of a record, from the served set only."""
-        for model in self.table:
-            if model.model_id == record.model:
-                return model.model_id, record.version
+        if any(slot.model_id == record.model for slot in self.table.slots()):
+            return record.model, record.version
         return UNKNOWN, ""
 
     def observe(self, record: Record) -> None:
@@ -169,11 +168,14 @@ class Metrics:
     def _zero_failures(self) -> None:
         """Make the failure series of each loaded model exist at 0, so that its first failure
         is an increase `rate()` sees (a series born at 1 is not) and alerts fire on it."""
-        for model in self.table:
-            if model.engine.ready:
+        table = self.table
+        for slot in table.slots():
+            instance = next((i for i in table.loaded() if i.key == slot.target), None)
+            if instance is not None and instance.model.engine.ready:
+                version = instance.version or instance.model.version
                 for api in ("openai", "ollama"):
                     for status in ("500", "503"):
-                        self.requests.labels(model.model_id, model.version, api, status)
+                        self.requests.labels(slot.model_id, version, api, status)
 
 
 class _EngineGauges(Collector):
@@ -204,16 +206,31 @@ class _EngineGauges(Collector):
             "KV cache cells held by requests, as a fraction of all cells (0-1).",
             labels=["model"],
         )
-        for model in self.table:
-            engine = model.engine
-            alive = engine.ready and engine.failure is None and engine.load_error is None
-            up.add_metric([model.model_id], 1.0 if alive else 0.0)
-            if alive:
-                loaded.add_metric([model.model_id, model.version], 1.0)
+        fallback = GaugeMetricFamily(
+            "edgellm_fallback_active",
+            "1 while a served name's SLO fallback takes its new requests; 0 on its primary.",
+            labels=["model"],
+        )
+        table = self.table
+        for slot in table.slots():
+            instance = next((i for i in table.loaded() if i.key == slot.target), None)
+            engine = instance.model.engine if instance is not None else None
+            alive = engine is not None and engine.ready and engine.failure is None
+            up.add_metric([slot.model_id], 1.0 if alive else 0.0)
+            if slot.fallback is not None:
+                fallback.add_metric([slot.model_id], 1.0 if slot.fallback.active else 0.0)
+        for instance in table.loaded():
+            engine = instance.model.engine
+            names = [s.model_id for s in table.slots() if s.target == instance.key]
+            names = names or [instance.model.model_id]
+            if engine.ready and engine.failure is None:
+                for name in names:
+                    loaded.add_metric([name, instance.version or instance.model.version], 1.0)
             stats = engine.stats()
             if stats is None:
                 continue
-            running.add_metric([model.model_id], stats.running)
-            waiting.add_metric([model.model_id], stats.waiting)
-            kv.add_metric([model.model_id], stats.cells_used / stats.n_ctx if stats.n_ctx else 0)
-        yield from (up, loaded, running, waiting, kv)
+            name = names[0]
+            running.add_metric([name], stats.running)
+            waiting.add_metric([name], stats.waiting)
+            kv.add_metric([name], stats.cells_used / stats.n_ctx if stats.n_ctx else 0)
+        yield from (up, loaded, running, waiting, kv, fallback)

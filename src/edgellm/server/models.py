@@ -8,16 +8,16 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request as HttpRequest
 
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Request, SamplingParams, Tokenizer
 from edgellm.engine.runner import Embedder
-from edgellm.errors import ContextOverflow, Forbidden, ModelNotFound, NotReady, ValidationError
+from edgellm.errors import ContextOverflow, ValidationError
 from edgellm.modelfile import ModelInfo
 from edgellm.reasoning import ReasoningFormat, opens_reasoning
 from edgellm.server.disconnect import unless_disconnected
@@ -303,68 +303,6 @@ def name_keys(name: str) -> list[tuple[str, str]]:
     return keys
 
 
-class ModelTable:
-    """The models a server serves, by name and tag; it may change while serving (models
-    added, swapped and removed by later layers), so readers take a snapshot."""
-
-    def __init__(self, models: Iterable[ServedModel] = ()):
-        self._lock = threading.Lock()
-        self._models: dict[tuple[str, str], ServedModel] = {}
-        for model in models:
-            self.add(model)
-
-    def add(self, model: ServedModel, tag: str = "latest") -> None:
-        """Serve `model` as its model_id and `tag`, replacing what had that name."""
-        with self._lock:
-            self._models[(model.model_id, tag)] = model
-
-    def remove(self, name: str) -> ServedModel | None:
-        """Stop serving `name` (name or name:tag); returns what it was, if anything."""
-        with self._lock:
-            for key in name_keys(name):
-                if key in self._models:
-                    return self._models.pop(key)
-        return None
-
-    def list_models(self) -> list[ServedModel]:
-        """The served models, each once, in the order they were added."""
-        with self._lock:
-            models = list(self._models.values())
-        return list({id(m): m for m in models}.values())
-
-    def __iter__(self) -> Iterator[ServedModel]:
-        return iter(self.list_models())
-
-    def visible(self, principal: Principal | None) -> list[ServedModel]:
-        """The served models a request's key may use (listings show no others)."""
-        return [m for m in self.list_models() if may_use(principal, m.model_id)]
-
-    def lookup(self, name: str, principal: Principal | None = None) -> ServedModel:
-        """The model `name` refers to, loaded or not; Forbidden when `principal` (the
-        request's key; None: no auth) may not use that name, whether it exists or not (a
-        scoped key learns nothing of other models), ModelNotFound when nothing has it."""
-        if not may_use(principal, name):
-            raise Forbidden(
-                f"this API key may not use the model '{name}'",
-                param="model",
-                code="model_not_allowed",
-            )
-        with self._lock:
-            model = next((self._models[k] for k in name_keys(name) if k in self._models), None)
-        if model is None:
-            raise ModelNotFound(name)
-        return model
-
-    def resolve(self, name: str, principal: Principal | None = None) -> ServedModel:
-        """The model `name` refers to, ready to take requests; Forbidden (as `lookup`),
-        ModelNotFound, NotReady, or EngineDown when its engine stopped."""
-        model = self.lookup(name, principal)
-        model.engine.check_alive()
-        if not model.engine.ready:
-            raise NotReady(f"the model '{name}' is still loading")
-        return model
-
-
 def may_use(principal: Principal | None, name: str) -> bool:
     """Whether a key may use the model `name`: a scope entry "m" allows m under any tag,
     "m:t" only that tag; no principal (auth off) or no scope allows every model."""
@@ -378,3 +316,7 @@ def models_of(request: HttpRequest) -> ModelTable:
     """The model table of the app serving `request`."""
     table: ModelTable = request.app.state.models
     return table
+
+
+if TYPE_CHECKING:
+    from edgellm.server.lifecycle import ModelTable

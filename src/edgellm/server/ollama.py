@@ -29,6 +29,7 @@ from edgellm.server.defaults import OLLAMA
 from edgellm.server.errors import ollama_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
+from edgellm.server.lifecycle.keep_alive import parse_keep_alive
 from edgellm.server.limits import (
     check_embed,
     check_generate,
@@ -36,7 +37,7 @@ from edgellm.server.limits import (
     check_ollama_embeddings,
     limits_of,
 )
-from edgellm.server.models import ServedModel, models_of, normalised
+from edgellm.server.models import ServedModel, may_use, models_of, normalised
 from edgellm.server.ollama_wire import (
     ChatBody,
     EmbedBody,
@@ -54,6 +55,7 @@ from edgellm.server.pipeline import (
     Run,
     TextInput,
     pipeline_of,
+    run_headers,
     sampling_params,
 )
 from edgellm.server.request_id import client_of, request_id_of
@@ -82,9 +84,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _tag(model: ServedModel) -> str:
-    """Ollama's name:tag: a registry model's own, else the file's name with `latest`."""
-    return model.model_id if ":" in model.model_id else f"{model.model_id}:latest"
+def _tag(name: str) -> str:
+    """Ollama's name:tag: a registry model's own, else the name with `latest`."""
+    return name if ":" in name else f"{name}:latest"
 
 
 # `edgellm models set` names that Ollama's PARAMETER calls otherwise
@@ -150,10 +152,10 @@ def _modified(model: ServedModel) -> str:
     return modified.isoformat().replace("+00:00", "Z")
 
 
-async def _entry(model: ServedModel) -> dict[str, Any]:
+async def _entry(model: ServedModel, name: str) -> dict[str, Any]:
     return {
-        "name": _tag(model),
-        "model": _tag(model),
+        "name": _tag(name),
+        "model": _tag(name),
         "modified_at": _modified(model),
         "size": model.info.size_bytes,
         "digest": await _digest(model),
@@ -168,25 +170,46 @@ async def version() -> dict[str, Any]:
 
 @router.get("/tags", response_model=OllamaTags)
 async def tags(request: Request) -> dict[str, Any]:
-    visible = models_of(request).visible(principal_of(request.scope))
-    entries = [OllamaModelEntry(**await _entry(m)) for m in visible]
+    table, principal = models_of(request), principal_of(request.scope)
+    entries = [
+        OllamaModelEntry(**await _entry(table.card(slot), slot.model_id))
+        for slot in table.slots()
+        if may_use(principal, slot.model_id)
+    ]
     return OllamaTags(models=entries).body()
 
 
 @router.get("/ps", response_model=OllamaPs)
 async def ps(request: Request) -> dict[str, Any]:
-    visible = models_of(request).visible(principal_of(request.scope))
-    loaded = [m for m in visible if m.engine.ready]
-    entries = [
-        OllamaRunningEntry(
-            **await _entry(m),
-            expires_at="9999-12-31T23:59:59Z",  # loaded until the server stops
-            size_vram=0,
-            context_length=m.n_ctx,
+    table, principal = models_of(request), principal_of(request.scope)
+    now, wall = time.monotonic(), time.time()
+    entries = []
+    for instance in table.loaded():
+        if instance.state != "ready":
+            continue
+        names = [s.model_id for s in table.slots() if s.target == instance.key]
+        names = [n for n in names or [instance.model.model_id] if may_use(principal, n)]
+        if not names:
+            continue
+        expires = instance.expires_in(now)
+        entry = await _entry(instance.model, names[0])
+        entry["size"] = instance.size_bytes  # in memory, as Ollama's ps says: weights + KV
+        entries.append(
+            OllamaRunningEntry(
+                **entry,
+                expires_at=_expiry(None if expires is None else wall + expires),
+                size_vram=0,
+                context_length=instance.model.n_ctx,
+            )
         )
-        for m in loaded
-    ]
     return OllamaPs(models=entries).body()
+
+
+def _expiry(at: float | None) -> str:
+    """Ollama's expires_at: when an idle model unloads (far in the future: never)."""
+    if at is None:
+        return "9999-12-31T23:59:59Z"
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
 
 
 @router.post("/show", response_model=OllamaShow)
@@ -194,7 +217,9 @@ async def show(body: ShowBody, request: Request) -> dict[str, Any]:
     name = body.model or body.name
     if not name:
         raise ValidationError("model is required", param="model")
-    model = models_of(request).resolve(name, principal_of(request.scope))
+    table = models_of(request)
+    slot = table.slot(name, principal_of(request.scope))
+    model = table.card(slot)
     capabilities = ["completion", "tools"] + (["thinking"] if model.reasoning else [])
     info = {k: v for k, v in model.info.metadata.items() if not k.startswith("edgellm.")}
     info.pop("tokenizer.chat_template", None)
@@ -259,6 +284,8 @@ def _generation(
         request_id=request_id_of(request.scope),
         client=client_of(request.scope),
         principal=principal_of(request.scope),
+        session=request.headers.get("x-session-id"),
+        keep_alive_s=parse_keep_alive(body.keep_alive),
     )
 
 
@@ -271,9 +298,9 @@ def _no_images(images: list[str] | None, param: str) -> None:
 async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResponse:
     """A chat reply; streamed (the default) as OllamaChatResponse lines."""
     check_ollama_chat(body, limits_of(request))
-    model = models_of(request).resolve(body.model, principal_of(request.scope))
+    models_of(request).slot(body.model, principal_of(request.scope))
     if not body.messages:
-        return _loaded(model, {"message": {"role": "assistant", "content": ""}})
+        return await _loaded(request, body, {"message": {"role": "assistant", "content": ""}})
     messages = []
     for i, m in enumerate(body.messages):
         _no_images(m.images, f"messages[{i}].images")
@@ -301,14 +328,13 @@ async def generate(body: GenerateBody, request: Request) -> JSONResponse | Strea
     """A completion of `prompt` (in the chat template unless `raw`); streamed (the default)
     as OllamaGenerateResponse lines."""
     check_generate(body, limits_of(request))
-    model = models_of(request).resolve(body.model, principal_of(request.scope))
+    models_of(request).slot(body.model, principal_of(request.scope))
     _no_images(body.images, "images")
     if body.suffix:
         raise ValidationError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if not body.prompt and not body.context:
-        return _loaded(model, {"response": ""})
+        return await _loaded(request, body, {"response": ""})
     context = body.context or []
-    model.check_token_ids(context, "context")
     given: ChatInput | TextInput
     if body.raw:  # the prompt as the model sees it, control tokens included
         if body.format or body.thinking:
@@ -326,22 +352,31 @@ async def generate(body: GenerateBody, request: Request) -> JSONResponse | Strea
     return await _answer(request, run, body.stream, "response")
 
 
-def _loaded(model: ServedModel, empty: dict[str, Any]) -> JSONResponse:
-    """Ollama's answer to a request without input: the model is loaded, nothing generated."""
-    return JSONResponse(
-        {"model": _tag(model), "created_at": _now(), **empty, "done": True, "done_reason": "load"}
+async def _loaded(request: Request, body: GeneratingBody, empty: dict[str, Any]) -> JSONResponse:
+    """Ollama's answer to a request without input: the model is loaded (with keep_alive 0:
+    unloaded), nothing generated."""
+    keep_alive = parse_keep_alive(body.keep_alive)
+    lease = await models_of(request).acquire(
+        body.model, principal_of(request.scope), keep_alive_s=keep_alive
     )
+    lease.release(keep_alive)
+    reason = "unload" if keep_alive == 0 else "load"
+    return JSONResponse(
+        {"model": _tag(lease.name), "created_at": _now(), **empty, "done": True,
+         "done_reason": reason},
+        headers={"X-Edgellm-Model-Version": lease.version},
+    )  # fmt: skip
 
 
 async def _answer(
     request: Request, run: Run, stream: bool, field: Literal["message", "response"]
 ) -> JSONResponse | StreamingResponse:
-    shape = _Shape(_tag(run.model), field, run.include_reasoning)
+    shape = _Shape(_tag(run.name), field, run.include_reasoning)
     if stream:
-        return StreamingResponse(_ndjson(run, shape), media_type=NDJSON)
+        return StreamingResponse(_ndjson(run, shape), media_type=NDJSON, headers=run_headers(run))
     done = await run.collect(request)
     piece = shape.piece(Piece(done.reasoning, done.content), done.final)
-    return JSONResponse({**piece, **shape.final(done.final)})
+    return JSONResponse({**piece, **shape.final(done.final)}, headers=run_headers(run))
 
 
 class _Shape:
@@ -410,14 +445,22 @@ async def _ndjson(run: Run, shape: _Shape) -> AsyncIterator[bytes]:
 @router.post("/embed", response_model=OllamaEmbed)
 async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
     check_embed(body, limits_of(request))
-    model = models_of(request).resolve(body.model, principal_of(request.scope))
     texts = [body.input] if isinstance(body.input, str) else body.input
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
     started = time.monotonic()
-    vectors, n_tokens = await model.embed(request, texts, truncate=body.truncate, param="input")
+    keep_alive = parse_keep_alive(body.keep_alive)
+    lease = await models_of(request).acquire(
+        body.model, principal_of(request.scope), keep_alive_s=keep_alive
+    )
+    try:
+        vectors, n_tokens = await lease.model.embed(
+            request, texts, truncate=body.truncate, param="input"
+        )
+    finally:
+        lease.release(keep_alive)
     return OllamaEmbed(
-        model=_tag(model),
+        model=_tag(lease.name),
         embeddings=[normalised(v) for v in vectors],
         total_duration=_ns(time.monotonic() - started),
         load_duration=0,
@@ -429,8 +472,15 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
 async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     """The older endpoint: one prompt, an unnormalised vector; an empty prompt gives []."""
     check_ollama_embeddings(body, limits_of(request))
-    model = models_of(request).resolve(body.model, principal_of(request.scope))
+    models_of(request).slot(body.model, principal_of(request.scope))
     if not body.prompt:
         return OllamaEmbeddings(embedding=[]).body()
-    vectors, _ = await model.embed(request, [body.prompt], truncate=True, param="prompt")
+    keep_alive = parse_keep_alive(body.keep_alive)
+    lease = await models_of(request).acquire(
+        body.model, principal_of(request.scope), keep_alive_s=keep_alive
+    )
+    try:
+        vectors, _ = await lease.model.embed(request, [body.prompt], truncate=True, param="prompt")
+    finally:
+        lease.release(keep_alive)
     return OllamaEmbeddings(embedding=vectors[0]).body()

@@ -21,7 +21,7 @@ from edgellm.server.errors import openai_error
 from edgellm.server.guard import ParsedJsonRoute
 from edgellm.server.keys import principal_of
 from edgellm.server.limits import check_chat, check_completion, check_embedding, limits_of
-from edgellm.server.models import ServedModel, models_of, normalised
+from edgellm.server.models import ServedModel, may_use, models_of, normalised
 from edgellm.server.pipeline import (
     ChatInput,
     Collected,
@@ -31,6 +31,7 @@ from edgellm.server.pipeline import (
     Run,
     TextInput,
     pipeline_of,
+    run_headers,
     sampling_params,
 )
 from edgellm.server.request_id import client_of, request_id_of
@@ -68,7 +69,7 @@ router = APIRouter(prefix="/v1", route_class=ParsedJsonRoute)
 SSE = "text/event-stream"
 
 
-def _card(model: ServedModel) -> ModelCard:
+def _card(model: ServedModel, name: str) -> ModelCard:
     info = model.info
     digest = info.metadata.get("edgellm.sha256")  # a registry model's, or once /api/tags read it
     meta = ModelMeta(
@@ -81,27 +82,38 @@ def _card(model: ServedModel) -> ModelCard:
         quantization_level=file_type_name(info.metadata) or "unknown",
         context_length=info.context_length,
     )
-    return ModelCard(
-        id=model.model_id, object="model", created=model.created, owned_by="edgellm", meta=meta
-    )
+    return ModelCard(id=name, object="model", created=model.created, owned_by="edgellm", meta=meta)
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict[str, Any]:
-    visible = models_of(request).visible(principal_of(request.scope))
-    return ModelList(object="list", data=[_card(m) for m in visible]).body()
+    table, principal = models_of(request), principal_of(request.scope)
+    cards = [
+        _card(table.card(s), s.model_id) for s in table.slots() if may_use(principal, s.model_id)
+    ]
+    return ModelList(object="list", data=cards).body()
 
 
 @router.get("/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    model = models_of(request).resolve(model_id, principal_of(request.scope))
-    return _card(model).body()
+    table = models_of(request)
+    slot = table.slot(model_id, principal_of(request.scope))
+    return _card(table.card(slot), slot.model_id).body()
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     check_embedding(body, limits_of(request))
-    model = models_of(request).resolve(body.model, principal_of(request.scope))
+    lease = await models_of(request).acquire(body.model, principal_of(request.scope))
+    try:
+        return await _embeddings(body, request, lease.model, lease.name)
+    finally:
+        lease.release()
+
+
+async def _embeddings(
+    body: EmbeddingRequest, request: Request, model: ServedModel, name: str
+) -> dict[str, Any]:
     if body.dimensions is not None:
         raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
     if isinstance(body.input, str):
@@ -123,7 +135,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     return EmbeddingList(
         object="list",
         data=data,
-        model=model.model_id,
+        model=name,
         usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens),
     ).body()
 
@@ -163,6 +175,7 @@ def _generation(
         request_id=request_id_of(request.scope),
         client=client_of(request.scope),
         principal=principal_of(request.scope),
+        session=body.user or request.headers.get("x-session-id"),
     )
 
 
@@ -224,7 +237,7 @@ async def chat_completions(
     check_chat(body, limits)
     _check_supported(body)
     # an unknown model (or one the key may not use) is the first thing said
-    models_of(request).resolve(body.model, principal_of(request.scope))
+    models_of(request).slot(body.model, principal_of(request.scope))
     chat = ChatInput(
         message_dicts(body.messages, limits.json_depth),
         tools=[t.tool() for t in body.tools or []],
@@ -247,7 +260,7 @@ async def completions(
     if body.echo:
         raise ValidationError("echo is not supported yet", param="echo")
     # an unknown model (or one the key may not use) is the first thing said
-    models_of(request).resolve(body.model, principal_of(request.scope))
+    models_of(request).slot(body.model, principal_of(request.scope))
     prompt: object = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         given = TextInput([t for t in prompt if isinstance(t, int)])
@@ -269,14 +282,19 @@ async def _answer(
     body: ChatCompletionRequest | CompletionRequest,
     id_prefix: str,
 ) -> JSONResponse | StreamingResponse:
-    ident, created, name = id_prefix + run.record.request_id, int(time.time()), run.model.model_id
-    meta = {"id": ident, "created": created, "model": name, "system_fingerprint": None}
+    ident, created = id_prefix + run.record.request_id, int(time.time())
+    meta = {
+        "id": ident,
+        "created": created,
+        "model": run.name,
+        "system_fingerprint": run.version or None,  # OpenAI's field for which weights served
+    }
     chat = run.plan is not None
     if body.stream:
         return StreamingResponse(
             _sse(run, meta, chat, body.include_usage),
             media_type=SSE,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **run_headers(run)},
         )
     done = await run.collect(request)
     reason = done.final.finish_reason
@@ -295,7 +313,7 @@ async def _answer(
             "usage": _usage(done.final.output),
         }
     )
-    return JSONResponse(answer.body())
+    return JSONResponse(answer.body(), headers=run_headers(run))
 
 
 def _usage(out: RequestOutput) -> Usage:

@@ -31,13 +31,14 @@ from edgellm.server.defaults import LLAMA_SERVER, GivenSampling, model_defaults,
 from edgellm.server.disconnect import unless_disconnected
 from edgellm.server.errors import mark_recorded
 from edgellm.server.keys import Principal
-from edgellm.server.models import ChatPlan, ModelTable, ServedModel
+from edgellm.server.lifecycle import Lease, ModelTable
+from edgellm.server.models import ChatPlan, ServedModel
 from edgellm.structured import LIMITS, SchemaLimits, json_object_grammar, schema_grammar
 from edgellm.tools import Tool, ToolCall, ToolCallScanner
 
 log = logging.getLogger("edgellm.server")
 
-Api = Literal["openai", "ollama", "cli"]
+Api = Literal["openai", "ollama", "cli", "mirror", "probe"]
 # the HTTP routes of generation requests: one the pipeline never saw (its body did not parse, a
 # middleware refused it) is still recorded, by `Pipeline.refused`
 GENERATION_ROUTES: dict[str, Api] = {
@@ -107,6 +108,22 @@ class GenerationRequest:
     request_id: str | None = None  # the client-facing id (X-Request-Id); None: a new one
     client: str | None = None  # the peer's "host:port", for logs
     principal: Principal | None = None  # who asks (its API key); None when auth is off
+    session: str | None = None  # the conversation's key: OpenAI's `user`, X-Session-Id
+    keep_alive_s: float | None = None  # how long the model stays loaded after (Ollama's)
+
+    def conversation(self) -> str:
+        """The sticky key of the conversation this request belongs to (a canary sends every
+        turn of one to the same version): its session, else its system prompt and first user
+        message, else its prompt."""
+        if self.session:
+            return f"session:{self.session}"
+        given = self.input
+        if isinstance(given, ChatInput):
+            system = next((m for m in given.messages if m["role"] in ("system", "developer")), None)
+            user = next((m for m in given.messages if m["role"] == "user"), None)
+            parts = [str(m.get("content") or "") if m else "" for m in (system, user)]
+            return "chat:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        return "prompt:" + hashlib.sha256(str(given.prompt).encode()).hexdigest()
 
 
 def sampling_params(
@@ -154,6 +171,8 @@ class Record:
     model: str  # the served model's name; the requested one until it resolved
     stream: bool
     version: str = ""  # the served model's version (its file's SHA-256 prefix), once resolved
+    variant: str = "primary"  # which of the name's versions took it: primary, canary, fallback
+    mirror_match: bool | None = None  # a mirror copy: whether its output was the client's
     client: str | None = None  # the peer's "host:port"
     key: str | None = None  # the name of the API key it came with (never the key)
     role: str | None = None  # that key's role
@@ -246,6 +265,8 @@ class Pipeline:
         self.schema_limits = schema_limits  # what a client's JSON schema may ask of a grammar
         self.deadline_s = deadline_s  # a request's life from its arrival (--request-timeout)
         self.live: set[Run] = set()  # submitted and not closed yet
+        self.shadow_sinks: list[RecordSink] = []  # records of mirror copies and probes
+        self._shadows: set[asyncio.Task[None]] = set()
         self._interrupted: Callable[[], EdgeLLMError] | None = None  # set once: refuse new runs
 
     async def start(self, request: GenerationRequest) -> Run:
@@ -260,9 +281,16 @@ class Pipeline:
             given = request.input
             record.prompt = given.messages if isinstance(given, ChatInput) else given.prompt
             record.output = ""
+        lease: Lease | None = None
         try:
-            model = self.models.resolve(request.model, request.principal)
-            record.model, record.version = model.model_id, model.version
+            lease = await self.models.acquire(
+                request.model,
+                request.principal,
+                conversation=request.conversation(),
+                keep_alive_s=request.keep_alive_s,
+            )
+            model = lease.model
+            record.model, record.version, record.variant = lease.name, lease.version, lease.route
             defaults = model_defaults(model.params, model.info.metadata)
             given = _with_defaults(request.input, defaults, model)
             plan, prompt = await asyncio.to_thread(
@@ -295,13 +323,93 @@ class Pipeline:
                 stream.abort()
                 raise self._interrupted()
         except BaseException as exc:  # recorded however it failed, then raised as it was
+            if lease is not None:
+                lease.release(request.keep_alive_s)
             record.ended = time.monotonic()
             self.record_failure(record, exc)
             raise
         record.submitted = time.monotonic()
-        run = Run(self, model, plan, stream, record)
+        run = Run(self, model, plan, stream, record, lease)
         self.live.add(run)
+        if lease.shadow is not None:
+            self._shadow(run, lease, given, request, engine_request)
         return run
+
+    def _shadow(
+        self,
+        run: Run,
+        lease: Lease,
+        given: ChatInput | TextInput,
+        request: GenerationRequest,
+        engine_request: EngineRequest,
+    ) -> None:
+        """Copy a request to another version in the background: a mirror (its answer is
+        compared with the client's, then dropped) or a probe of a primary that a fallback
+        has taken the traffic from. Nothing of it reaches the client."""
+        kind, key = lease.shadow or ("mirror", "")
+        slot = lease.slot
+        slot.shadows += 1
+        if kind == "probe" and slot.fallback is not None:
+            slot.fallback.probing = True
+
+        async def shadow() -> None:
+            record = Record(
+                f"{run.record.request_id}-{kind}", kind, run.record.route, lease.name, False
+            )
+            record.variant = "canary" if kind == "mirror" else "primary"
+            other: Lease | None = None
+            try:
+                other = await self.models.acquire_key(slot, key)
+                record.version = other.version
+                model = other.model
+                plan, prompt = await asyncio.to_thread(
+                    _prompt, model, given, request, self.schema_limits
+                )
+                sampling = dataclasses.replace(
+                    engine_request.sampling, grammar=plan.grammar if plan is not None else None
+                )
+                copy = EngineRequest(
+                    uuid.uuid4().hex, prompt, sampling, arrival_time=time.monotonic()
+                )
+                record.started = time.monotonic()
+                stream = await model.engine.submit(copy)
+                raw = hashlib.sha256()
+                async for output in stream:
+                    if output.error is not None:
+                        raise output.error
+                    if record.first_output is None:
+                        record.first_output = time.monotonic()
+                    raw.update(output.text.encode())
+                    record.completion_tokens = output.completion_tokens
+                    record.prompt_tokens = output.prompt_tokens
+                    if output.finished:
+                        record.finish_reason = output.finish_reason
+                        break
+                record.ended = time.monotonic()
+                theirs = await run.raw_digest
+                if kind == "mirror" and theirs is not None:
+                    record.mirror_match = raw.hexdigest() == theirs
+            except Exception as exc:
+                record.ended = record.ended or time.monotonic()
+                record.error, record.status = type(exc).__name__, 500
+                log.info("%s of %s to %s failed: %s", kind, run.record.request_id, key, exc)
+            finally:
+                if other is not None:
+                    other.release()
+                slot.shadows -= 1
+                if kind == "probe" and slot.fallback is not None:
+                    slot.fallback.probing = False
+            if kind == "probe":
+                self.models.observe(record)
+            for sink in self.shadow_sinks:
+                try:
+                    sink(record)
+                except Exception:
+                    log.exception("a record sink failed")
+
+        task = asyncio.ensure_future(shadow())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     def interrupt(self, error: Callable[[], EdgeLLMError]) -> None:
         """End every request in flight with `error()` as its last event (a drain that timed
@@ -347,6 +455,12 @@ class Pipeline:
                 sink(record)
             except Exception:  # a broken sink must not break the request
                 log.exception("a record sink failed")
+
+
+def run_headers(run: Run) -> dict[str, str]:
+    """Headers naming what served a request, on both APIs: the version (the weights' SHA-256
+    prefix) and the route (primary, canary or fallback)."""
+    return {"X-Edgellm-Model-Version": run.version, "X-Edgellm-Route": run.record.variant}
 
 
 def pipeline_of(request: HttpRequest) -> Pipeline:
@@ -432,15 +546,22 @@ class Run:
         plan: ChatPlan | None,
         stream: RequestStream,
         record: Record,
+        lease: Lease | None = None,
     ):
         self.pipeline = pipeline
         self.model = model
+        self.lease = lease  # released when the run closes: its instance may unload then
+        self.name = record.model  # the name the client sent, as it is served (the tag)
+        self.version = record.version  # the version that serves it
         self.plan = plan
         self.stream = stream
         self.record = record
         self._closed = False
         self._last_token: float | None = None  # when the latest output token arrived
         self._digest = hashlib.sha256()  # of the text given to the client so far
+        self._raw = hashlib.sha256()  # of the engine's text, before reasoning/tool splitting
+        # the engine's whole text's SHA-256 once the run closes (None: it did not finish)
+        self.raw_digest: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._deadline: asyncio.TimerHandle | None = None
         if pipeline.deadline_s is not None:  # counted from the request's arrival
             left = record.started + pipeline.deadline_s - time.monotonic()
@@ -490,6 +611,7 @@ class Run:
                     raise error
                 if record.first_output is None:
                     record.first_output = time.monotonic()
+                self._raw.update(output.text.encode())
                 reasoning, content = splitter.push(output.text) if splitter else ("", output.text)
                 if output.finished and splitter is not None:
                     more_reasoning, more_content = splitter.flush()
@@ -559,6 +681,11 @@ class Run:
         self.stream.abort()
         record = self.record
         record.output_sha256 = self._digest.hexdigest()
+        if not self.raw_digest.done():
+            finished = error is None and record.finish_reason is not None
+            self.raw_digest.set_result(self._raw.hexdigest() if finished else None)
+        if self.lease is not None:
+            self.lease.release()
         if record.ended is None:
             record.ended = time.monotonic()
         if error is not None:

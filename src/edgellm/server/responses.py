@@ -94,7 +94,7 @@ class ChatCompletion(Response):
     object: Literal["chat.completion"]
     created: int
     model: str
-    system_fingerprint: None
+    system_fingerprint: str | None  # the version (weights' SHA-256 prefix) that served it
     choices: list[ChatChoice]
     usage: Usage
 
@@ -121,7 +121,7 @@ class ChatCompletionChunk(Response):
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
-    system_fingerprint: None
+    system_fingerprint: str | None  # the version (weights' SHA-256 prefix) that served it
     choices: list[ChunkChoice]
     usage: Usage | None = None  # with stream_options.include_usage: null, then on the last
 
@@ -140,7 +140,7 @@ class Completion(Response):
     object: Literal["text_completion"]
     created: int
     model: str
-    system_fingerprint: None
+    system_fingerprint: str | None  # the version (weights' SHA-256 prefix) that served it
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

@@ -130,6 +130,11 @@ class _SamplingFields(Wire):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str = Field(min_length=1, max_length=256)
+    user: str | None = Field(
+        None,
+        max_length=256,
+        description="The end user; edgellm also keeps a conversation on one version by it.",
+    )
     # Omitted (or null), a field takes the model's default: its version's parameters, else
     # its GGUF's general.sampling.*, else llama.cpp's server's (edgellm.server.defaults).
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
