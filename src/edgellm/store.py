@@ -16,6 +16,7 @@ whatever the umask. WAL lets the server read keys while `edgellm keys` writes th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -188,6 +189,17 @@ def db_path() -> Path:
     return home_dir() / DB_NAME
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 if it is missing. Never open an existing one here: closing
+    any descriptor of a file drops every POSIX lock this process holds on it, the locks of its
+    open SQLite connections included; another process could then take this one's WAL for
+    abandoned and delete it under the connections still using it ("disk I/O error")."""
+    if path.exists():
+        return
+    with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def open_db(
     path: Path | None = None,
     *,
@@ -199,9 +211,7 @@ def open_db(
     mode (`with conn:` commits or rolls back). StoreError when it cannot be used."""
     path = path or db_path()
     try:
-        os.close(
-            os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        )  # create it 0600 (no-op if it exists)
+        _create_private(path)
         conn = sqlite3.connect(path, check_same_thread=check_same_thread, isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"cannot open the database {path}: {exc}") from exc
