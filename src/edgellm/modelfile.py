@@ -40,6 +40,7 @@ class ModelInfo:
     n_tensors: int
     size_bytes: int
     n_params: int = 0  # weights, summed over the tensors
+    n_vocab: int = 0  # tokens of the vocabulary
     metadata: dict[str, Any] = field(default_factory=dict)  # scalar and string fields only
 
 
@@ -119,6 +120,7 @@ def _inspect(path: Path, size: int, _mtime_ns: int, _inode: int) -> ModelInfo:
         n_tensors=len(reader.tensors),
         size_bytes=size,
         n_params=sum(int(t.n_elements) for t in reader.tensors),
+        n_vocab=len(tokens or []),
         metadata=meta,
     )
 

@@ -165,13 +165,18 @@ class RegistryLoader:
         source = version_source(version, model_id, self.server.model_key_file)
         try:
             model = _served(source, self.server, self.engine, self.turns, model_id)
-            estimate = estimate_bytes(source.path, self.engine.ctx)
+            estimate = estimate_bytes(model.info, self.engine.ctx)
         except BaseException:
             if source.memory is not None:
                 source.memory.close()
             raise
         memory = source.memory
         return Prepared(model, estimate, memory.close if memory is not None else _nothing)
+
+    def warm(self, version: Version) -> None:
+        """Read a plain version's header now (kept per process while the file is unchanged)."""
+        if not version.encrypted:
+            inspect_gguf(version.blob)
 
     def deployments(self) -> list[Deployment]:
         from edgellm.registry import Registry

@@ -92,7 +92,8 @@ def _said_move(move: Move, as_json: bool) -> None:
         _echo_json(move.as_json())
         return
     before = move.previous.short if move.previous else "-"
-    err.print(f"{move.operation}d [bold]{escape(move.ref)}[/bold]: {before} -> "
+    done = {"promote": "promoted", "rollback": "rolled back"}.get(move.operation, move.operation)
+    err.print(f"{done} [bold]{escape(move.ref)}[/bold]: {before} -> "
               f"{move.current.short}")  # fmt: skip
     if move.forced:
         err.print(f"[yellow]forced[/yellow] past the gate ({escape(move.gate_failure or '')}): "

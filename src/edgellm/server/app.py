@@ -164,8 +164,14 @@ async def ready(request: Request) -> JSONResponse:
             entry["status"] = "loading"
         elif engine is not None:
             entry |= {"status": "ready", **describe(engine.stats())}
-        else:
-            entry["status"] = "unloaded"  # loads on its first request
+        elif slot.model_id in table.preloading:  # must be loaded before requests come
+            status = "loading" if status == "ready" else status
+            entry["status"] = "loading"
+        elif slot.model_id in table.failures:
+            status = "error"
+            entry |= {"status": "error", "error": table.failures[slot.model_id]}
+        else:  # loads on its first request
+            entry["status"] = "loading" if table.loading(slot.target) else "unloaded"
         body["models"][slot.model_id] = entry
     if any(s.ref for s in table.slots()):
         body["loaded"], body["budget"] = state["loaded"], state["budget"]

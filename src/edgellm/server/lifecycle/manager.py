@@ -202,6 +202,8 @@ class ModelTable:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_tags = False
         self._preload: list[str] = []
+        self.preloading: set[str] = set()  # served names loading because they must at start
+        self.failures: dict[str, str] = {}  # served names whose preload failed, and why
         self._closing = False
         for n, model in enumerate(models):
             self.add(model, key=f"static{n}")
@@ -263,6 +265,7 @@ class ModelTable:
             if name not in served and _shown(_full_ref(name)) not in served:
                 raise ValidationError(f"--preload {name}: not among the served models")
         self._preload = [_shown(_full_ref(n)) if n not in served else n for n in preload]
+        self.preloading = set(self._preload)
         budget = self.policy.max_memory
         for slot in self._slots.values():
             size = self._estimates.get(slot.target, 0)
@@ -306,6 +309,7 @@ class ModelTable:
             self._spawn(self._preload_one(name))
         if self.loader is not None and any(s.ref for s in self._slots.values()):
             self._spawn(self._watch())
+            self._spawn(self._warm())
         self._spawn(self._tick())
 
     async def shutdown(self) -> None:
@@ -336,26 +340,30 @@ class ModelTable:
             lease = await self.acquire(name)
         except EdgeLLMError as exc:
             log.error("preloading %s failed: %s", name, exc.message)
+            self.failures[name] = exc.message
             return
+        finally:
+            self.preloading.discard(name)
         lease.release()
 
+    def loading(self, key: str) -> bool:
+        """Whether version `key` is being prepared or loaded now."""
+        instance = self._instances.get(key)
+        return key in self._loads or (instance is not None and instance.state == "loading")
+
     def wait_preloaded(self, timeout: float | None = None) -> str | None:
-        """Block (another thread) until the static models and preloads are loaded; the first
-        load error, or None."""
+        """Block (another thread) until the static models and the preloads are loaded; the
+        first load error, or None."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        names = {s.target for s in self._slots.values() if s.ref is None}
         while True:
-            states = {k: i for k, i in self._instances.items() if k in names}
-            for name in self._preload:
-                slot = self._slots.get(name)
-                if slot is not None:
-                    states[slot.target] = self._instances.get(slot.target)  # type: ignore[assignment]
-            failed = next(
-                (i for i in states.values() if i is not None and i.state == "failed"), None
-            )
+            static = [i for i in list(self._instances.values()) if i.pinned]
+            failed = next((i for i in static if i.state == "failed"), None)
             if failed is not None:
                 return str(failed.model.engine.load_error or "the model failed to load")
-            if all(i is not None and i.state == "ready" for i in states.values()):
+            if self.failures:
+                name, why = next(iter(self.failures.items()))
+                return f"{name}: {why}"
+            if all(i.state == "ready" for i in static) and not self.preloading:
                 return None
             if deadline is not None and time.monotonic() > deadline:
                 return "timed out"
@@ -678,6 +686,28 @@ class ModelTable:
         return False
 
     # -- the watcher and hot swap ---------------------------------------------------------
+
+    async def _warm(self) -> None:
+        """Read the headers of the other tagged versions of the served models in the
+        background (the preloads first), so that a promote to one of them loads without
+        seconds of header parsing."""
+        assert self.loader is not None
+        warm = getattr(self.loader, "warm", None)
+        if warm is None:
+            return
+        while self.preloading:
+            await asyncio.sleep(0.2)
+        served = {s.deployment.name for s in self._slots.values() if s.deployment is not None}
+        deployments = await asyncio.to_thread(self.loader.deployments)
+        seen: set[str] = set()
+        for deployment in deployments:
+            if deployment.name not in served:
+                continue
+            for version in (deployment.target, *_routed(deployment)):
+                if version.sha256 not in seen:
+                    seen.add(version.sha256)
+                    with contextlib.suppress(Exception):  # a bad one says so when it is loaded
+                        await asyncio.to_thread(warm, version)
 
     async def _watch(self) -> None:
         assert self.loader is not None

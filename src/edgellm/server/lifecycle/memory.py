@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.errors import ValidationError
+
+if TYPE_CHECKING:
+    from edgellm.modelfile import ModelInfo
 
 CONTEXT_BASE = 32 * 2**20  # per llama.cpp context: graph, scheduler, sampler state
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -40,15 +44,24 @@ def format_size(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def estimate_bytes(path: Path, ctx: int) -> int:
-    """Weights + KV cache of `ctx` cells + compute buffers of the GGUF at `path`."""
-    from edgellm.plan.arch import from_gguf
+def estimate_bytes(info: ModelInfo, ctx: int) -> int:
+    """Weights + KV cache of `ctx` cells + compute buffers of a model, from its header: the
+    file's bytes stand for the weights (the header is a few MB of them)."""
     from edgellm.plan.estimate import UBATCH
 
-    arch, weights, _ = from_gguf(path)
-    kv = ctx * arch.kv_bytes_per_token("f16")
-    activations = UBATCH * (arch.vocab + 16 * arch.embd) * 4
-    return int(weights + kv + activations + CONTEXT_BASE)
+    meta, arch = info.metadata, info.architecture
+
+    def number(key: str, default: int) -> int:
+        value = meta.get(f"{arch}.{key}", default)
+        return value if isinstance(value, int) else default
+
+    embd = number("embedding_length", 4096)
+    heads = number("attention.head_count", 32)
+    kv_heads = number("attention.head_count_kv", heads)
+    head_dim = number("attention.key_length", embd // max(1, heads))
+    kv = ctx * number("block_count", 32) * 2 * kv_heads * head_dim * 2  # K and V, f16
+    activations = UBATCH * (info.n_vocab + 16 * embd) * 4
+    return int(info.size_bytes + kv + activations + CONTEXT_BASE)
 
 
 def rss_bytes() -> int:
