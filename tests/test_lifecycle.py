@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +251,41 @@ def test_sizes_and_keep_alive_parse_as_peers_write_them() -> None:
             parse_size(bad)
     with pytest.raises(ValidationError, match="not a duration"):
         parse_keep_alive("soon")
+
+
+def test_several_model_arguments_and_the_models_table_name_what_is_served(tmp_path: Path) -> None:
+    from edgellm.cli.serve import settings_from_cli
+
+    _, _, models = settings_from_cli(["a:prod", "b:q4"], None, {})
+    assert models.names == ["a:prod", "b:q4"]
+    config = tmp_path / "edgellm.toml"
+    config.write_text('[models]\nnames = ["a:prod"]\nmax_memory = "6G"\nmodel_keep_alive = "1m"\n')
+    server, _, models = settings_from_cli(None, config, {})
+    assert (models.names, models.max_memory, models.model_keep_alive) == (["a:prod"], "6G", "1m")
+    assert server.model is None
+    with pytest.raises(ValidationError, match="not a size"):
+        settings_from_cli(None, None, {"max_memory": "lots"})
+    with pytest.raises(ValidationError, match="not a duration"):
+        settings_from_cli(None, None, {"model_keep_alive": "soon"})
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--all"], "no tagged model to serve"),
+        (["nothing:here", "other:one"], "nothing"),
+        (["m:x", "--model-id", "y"], "--model-id"),
+        (["--max-memory", "12 parsecs"], "not a size"),
+    ],
+)
+def test_serve_refuses_bad_model_arguments_in_one_line(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    env = {**os.environ, "EDGELLM_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "edgellm.cli", "serve", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], done.stderr
