@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgellm.errors import ValidationError
 from edgellm.server.lifecycle import Policy
@@ -180,11 +181,22 @@ async def test_mirroring_copies_every_request_without_changing_answers() -> None
         await srv.until(lambda: srv.table.slots()[0].deployment.mirror == 100.0)
         mirrored = [(await srv.chat("m:prod", seed=i)).json()["choices"] for i in range(10)]
         assert mirrored == plain
-        await srv.until(lambda: sum(r.api == "mirror" for r in srv.records) >= 0 and
-                        srv.table.slots()[0].shadows == 0)  # fmt: skip
+        await srv.until(lambda: srv.table.slots()[0].shadows == 0)
         client = [r for r in srv.records if r.api == "openai"]
         assert {r.version for r in client} == {version(1).short}
         assert len(client) == 20
+        families = {
+            f.name: f
+            for f in text_string_to_metric_families((await srv.client.get("/metrics")).text)
+        }
+        counts: dict[tuple[str, str], float] = {}
+        for sample in families["edgellm_requests"].samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels["version"], sample.labels["api"])
+                counts[key] = counts.get(key, 0) + sample.value
+        # the candidate took a copy of each of the 10 mirrored requests: as many as the primary
+        assert counts[(version(2).short, "mirror")] == 10
+        assert counts[(version(1).short, "openai")] == 20
 
 
 async def test_fallback_takes_traffic_when_the_primary_is_slow_and_gives_it_back() -> None:
