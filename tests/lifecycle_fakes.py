@@ -44,6 +44,7 @@ class ScriptedRegistry:
     tags: dict[str, Deployment] = field(default_factory=dict)
     step_s: dict[int, float] = field(default_factory=dict)  # by version id
     estimate: int = 100 * MIB  # each load's measured growth here is far less
+    sizes: dict[int, int] = field(default_factory=dict)  # estimates by version id, else `estimate`
     load_s: float = 0.0  # how long a load takes
     runners: dict[int, TextRunner] = field(default_factory=dict)  # the latest load's
     loads: list[int] = field(default_factory=list)  # version ids, in load order
@@ -64,7 +65,7 @@ class ScriptedRegistry:
             return load()
 
         model.engine._load = slow_load
-        return Prepared(model, self.estimate)
+        return Prepared(model, self.sizes.get(version.id, self.estimate))
 
     def deployments(self) -> list[Deployment]:
         return list(self.tags.values())

@@ -108,6 +108,24 @@ async def test_a_model_larger_than_the_budget_is_refused_at_start() -> None:
             pass
 
 
+async def test_a_swap_to_a_version_over_the_budget_is_refused_and_the_old_one_serves() -> None:
+    reg = registry(("m:prod", 1))
+    reg.sizes[2] = 900 * MIB
+    async with live_server(
+        reg, ["m:prod"], policy=Policy(max_memory=500 * MIB, poll_s=0.05)
+    ) as srv:
+        assert (await srv.chat("m:prod")).status_code == 200
+        reg.point("m:prod", target=version(2))
+        await srv.until(lambda: srv.table.slots()[0].problem is not None)
+        ready = (await srv.client.get("/ready")).json()["models"]["m:prod"]
+        assert "more than the memory budget" in ready["problem"]
+        r = await srv.chat("m:prod")
+        assert r.status_code == 200 and r.headers["x-edgellm-model-version"] == version(1).short
+        reg.point("m:prod", target=version(3))  # a later move that fits is taken
+        await srv.until(lambda: srv.table.slots()[0].target == "v3")
+        assert (await srv.chat("m:prod")).headers["x-edgellm-model-version"] == version(3).short
+
+
 async def test_hot_swap_under_load_fails_nothing_and_unloads_the_old_version() -> None:
     reg = registry(("m:prod", 1))
     reg.step_s[1] = reg.step_s[2] = 0.01
