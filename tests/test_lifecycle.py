@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgellm.errors import ValidationError
+from edgellm.errors import ModelFileError, ValidationError
 from edgellm.server.lifecycle import Policy
 from edgellm.server.lifecycle.keep_alive import parse_keep_alive
 from edgellm.server.lifecycle.memory import parse_size
@@ -319,3 +320,48 @@ def test_serve_refuses_bad_model_arguments_in_one_line(
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr
+
+
+async def test_keep_alive_0_without_input_unloads_without_loading() -> None:
+    reg = registry(("a:prod", 1), ("b:prod", 2))
+    async with live_server(reg, ["a:prod", "b:prod"]) as srv:
+        r = await srv.client.post("/api/generate", json={"model": "a:prod", "keep_alive": 0})
+        assert r.json()["done_reason"] == "unload"
+        assert reg.loads == []
+
+
+async def test_a_failed_swap_in_place_leaves_the_old_version_serving() -> None:
+    reg = registry(("a:prod", 1))
+    async with live_server(reg, ["a:prod"], policy=Policy(max_models=1, poll_s=0.05)) as srv:
+        assert (await srv.chat("a:prod")).status_code == 200
+        prepare = reg.prepare
+
+        def broken_v2(v: Any, model_id: str) -> Any:
+            prepared = prepare(v, model_id)
+            if v.id == 2:
+                prepared.model.engine._load = _raise_bad_blob
+            return prepared
+
+        reg.prepare = broken_v2  # type: ignore[method-assign]
+        reg.point("a:prod", target=version(2, "a"))
+        await srv.until(lambda: srv.table.slot("a:prod").failed is not None, timeout=5)
+        r = await srv.chat("a:prod")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-edgellm-model-version"] == version(1).short
+        ready = (await srv.client.get("/ready")).json()["models"]["a:prod"]
+        assert "bad blob" in ready["problem"]
+
+
+def _raise_bad_blob() -> Any:
+    raise ModelFileError("bad blob")
+
+
+async def test_a_canary_that_cannot_load_sends_its_conversations_to_the_primary() -> None:
+    reg = registry(("a:prod", 1))
+    reg.sizes[2] = 900 * MIB
+    reg.point("a:prod", candidate=version(2, "a"), weight=100.0)
+    async with live_server(reg, ["a:prod"], policy=Policy(max_memory=500 * MIB)) as srv:
+        for _ in range(3):
+            r = await srv.chat("a:prod")
+            assert r.status_code == 200, r.text
+            assert r.headers["x-edgellm-route"] == "primary"

@@ -57,6 +57,7 @@ def create_app(
         try:
             yield
         finally:
+            await pipeline.stop_shadows()
             await table.shutdown()
             if audit is not None:  # after the engines: the last records are in
                 await asyncio.to_thread(audit.close)

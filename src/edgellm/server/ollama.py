@@ -188,7 +188,9 @@ async def ps(request: Request) -> dict[str, Any]:
         if instance.state != "ready":
             continue
         names = [s.model_id for s in table.slots() if s.target == instance.key]
-        names = [n for n in names or [instance.model.model_id] if may_use(principal, n)]
+        if not names:  # a canary, fallback or old version of a name: named with its version
+            names = [f"{instance.model.model_id}@{instance.version}"]
+        names = [n for n in names if may_use(principal, n.split("@")[0])]
         if not names:
             continue
         expires = instance.expires_in(now)
@@ -356,14 +358,19 @@ async def _loaded(request: Request, body: GeneratingBody, empty: dict[str, Any])
     """Ollama's answer to a request without input: the model is loaded (with keep_alive 0:
     unloaded), nothing generated."""
     keep_alive = parse_keep_alive(body.keep_alive)
-    lease = await models_of(request).acquire(
-        body.model, principal_of(request.scope), keep_alive_s=keep_alive
-    )
+    table = models_of(request)
+    slot = table.slot(body.model, principal_of(request.scope))
+    if keep_alive == 0 and slot.ref is not None:  # unload, without loading it first
+        await table.unload(slot.model_id)
+        return JSONResponse(
+            {"model": _tag(slot.model_id), "created_at": _now(), **empty, "done": True,
+             "done_reason": "unload"},
+        )  # fmt: skip
+    lease = await table.acquire(slot.model_id, keep_alive_s=keep_alive, primary_only=True)
     lease.release(keep_alive)
-    reason = "unload" if keep_alive == 0 else "load"
     return JSONResponse(
         {"model": _tag(lease.name), "created_at": _now(), **empty, "done": True,
-         "done_reason": reason},
+         "done_reason": "load"},
         headers={"X-Edgellm-Model-Version": lease.version},
     )  # fmt: skip
 
@@ -451,7 +458,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
     started = time.monotonic()
     keep_alive = parse_keep_alive(body.keep_alive)
     lease = await models_of(request).acquire(
-        body.model, principal_of(request.scope), keep_alive_s=keep_alive
+        body.model, principal_of(request.scope), keep_alive_s=keep_alive, primary_only=True
     )
     try:
         vectors, n_tokens = await lease.model.embed(
@@ -477,7 +484,7 @@ async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
         return OllamaEmbeddings(embedding=[]).body()
     keep_alive = parse_keep_alive(body.keep_alive)
     lease = await models_of(request).acquire(
-        body.model, principal_of(request.scope), keep_alive_s=keep_alive
+        body.model, principal_of(request.scope), keep_alive_s=keep_alive, primary_only=True
     )
     try:
         vectors, _ = await lease.model.embed(request, [body.prompt], truncate=True, param="prompt")

@@ -104,7 +104,11 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 @router.post("/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     check_embedding(body, limits_of(request))
-    lease = await models_of(request).acquire(body.model, principal_of(request.scope))
+    if body.dimensions is not None:  # said before a model is loaded for it
+        raise ValidationError("dimensions cannot be changed for this model", param="dimensions")
+    lease = await models_of(request).acquire(
+        body.model, principal_of(request.scope), primary_only=True
+    )
     try:
         return await _embeddings(body, request, lease.model, lease.name)
     finally:

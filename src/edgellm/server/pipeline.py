@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -302,6 +303,10 @@ class Pipeline:
                 settle_sampling(request.sampling, defaults, request.api_sampling),
                 grammar=plan.grammar if plan is not None else None,
             )
+            if lease.shadow is not None and sampling.seed is None:
+                # a mirror copy samples as the client's request did, so that two equal
+                # versions give equal answers: the seed, chosen here, is the same for both
+                sampling = dataclasses.replace(sampling, seed=random.getrandbits(32))
             limit, limit_default = request.max_tokens, defaults.get("max_tokens")
             if limit is None and limit_default is None:
                 limit = request.api_max_tokens
@@ -324,6 +329,7 @@ class Pipeline:
                 raise self._interrupted()
         except BaseException as exc:  # recorded however it failed, then raised as it was
             if lease is not None:
+                lease.drop_shadow()
                 lease.release(request.keep_alive_s)
             record.ended = time.monotonic()
             self.record_failure(record, exc)
@@ -348,9 +354,7 @@ class Pipeline:
         has taken the traffic from. Nothing of it reaches the client."""
         kind, key = lease.shadow or ("mirror", "")
         slot = lease.slot
-        slot.shadows += 1
-        if kind == "probe" and slot.fallback is not None:
-            slot.fallback.probing = True
+        slot.shadows += 1  # (a probe's `probing` flag was set when it was routed)
 
         async def shadow() -> None:
             record = Record(
@@ -386,6 +390,8 @@ class Pipeline:
                         record.finish_reason = output.finish_reason
                         break
                 record.ended = time.monotonic()
+                other.release()  # before waiting for the client's answer to compare
+                other = None
                 theirs = await run.raw_digest
                 if kind == "mirror" and theirs is not None:
                     record.mirror_match = raw.hexdigest() == theirs
@@ -410,6 +416,13 @@ class Pipeline:
         task = asyncio.ensure_future(shadow())
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
+
+    async def stop_shadows(self) -> None:
+        """Cancel the mirror copies and probes still running (the server stops)."""
+        shadows = list(self._shadows)
+        for task in shadows:
+            task.cancel()
+        await asyncio.gather(*shadows, return_exceptions=True)
 
     def interrupt(self, error: Callable[[], EdgeLLMError]) -> None:
         """End every request in flight with `error()` as its last event (a drain that timed

@@ -54,6 +54,10 @@ class ModelBudgetError(EdgeLLMError):
     code = "model_budget"
 
 
+class ModelTooLarge(ModelBudgetError):
+    """A model that alone needs more than --max-memory: it never fits."""
+
+
 class ModelLoadError(EdgeLLMError):
     """A model's weights failed to load."""
 
@@ -140,6 +144,7 @@ class Slot:
     pending: str | None = None  # a version being loaded to replace the target
     problem: str | None = None  # why the last swap could not happen
     failed: str | None = None  # a version key whose load failed (not retried until it moves)
+    bad: set[str] = field(default_factory=set)  # candidate / fallback keys that failed to load
     fallback: Fallback | None = None
     shadows: int = 0  # mirror copies and probes in flight
     swaps: list[dict[str, Any]] = field(default_factory=list)  # the last few, with timings
@@ -175,6 +180,12 @@ class Lease:
     def version(self) -> str:
         return self.instance.version or self.instance.model.version
 
+    def drop_shadow(self) -> None:
+        """The copy will not run (the request failed before it was made)."""
+        if self.shadow is not None and self.shadow[0] == "probe" and self.slot.fallback:
+            self.slot.fallback.probing = False
+        self.shadow = None
+
     def release(self, keep_alive_s: float | None = None) -> None:
         if not self._released:
             self._released = True
@@ -205,6 +216,8 @@ class ModelTable:
         self.preloading: set[str] = set()  # served names loading because they must at start
         self.failures: dict[str, str] = {}  # served names whose preload failed, and why
         self._closing = False
+        self._estimates: dict[str, int] = {}  # of each slot's first target, for the start check
+        self._refused: set[tuple[str, int]] = set()  # (ref, version id) --all could not serve
         for n, model in enumerate(models):
             self.add(model, key=f"static{n}")
 
@@ -258,7 +271,7 @@ class ModelTable:
                 with Registry.open() as registry:
                     registry.resolve(ref)  # says what is wrong with the name, in one line
                 raise ModelNotFound(ref)  # pragma: no cover: resolve raised
-            self._add_slot(deployment)
+            self._add_slot(deployment, self._prepare_card(deployment))
         self._all_tags = all_tags
         served = set(self._slots)
         for name in preload:
@@ -276,19 +289,19 @@ class ModelTable:
                     param="max_memory",
                 )
 
-    _estimates: dict[str, int]
-
-    def _add_slot(self, deployment: Deployment) -> Slot:
+    def _prepare_card(self, deployment: Deployment) -> Prepared:
+        """Check a tag's target and read its header (blocking)."""
         assert self.loader is not None
+        prepared = self.loader.prepare(deployment.target, _shown(deployment.ref))
+        prepared.close()  # the card keeps the header; a load opens the version again
+        prepared.model.info.path = deployment.target.blob  # not a decrypted memfd, now closed
+        return prepared
+
+    def _add_slot(self, deployment: Deployment, prepared: Prepared) -> Slot:
         name = _shown(deployment.ref)
         key = version_key(deployment.target)
         for version in (deployment.target, *_routed(deployment)):
             self._versions[version_key(version)] = version
-        prepared = self.loader.prepare(deployment.target, name)
-        prepared.close()  # the card keeps the header; a load opens the version again
-        prepared.model.info.path = deployment.target.blob  # not a decrypted memfd, now closed
-        if not hasattr(self, "_estimates"):
-            self._estimates = {}
         self._estimates[key] = prepared.estimate_bytes
         slot = Slot(name, deployment.ref, key, prepared.model, deployment)
         self._configure(slot, deployment)
@@ -314,8 +327,10 @@ class ModelTable:
 
     async def shutdown(self) -> None:
         self._closing = True
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for instance in list(self._instances.values()):
             await asyncio.to_thread(instance.model.engine.shutdown)
             instance.close()
@@ -439,10 +454,12 @@ class ModelTable:
         *,
         conversation: str | None = None,
         keep_alive_s: float | None = None,
+        primary_only: bool = False,
     ) -> Lease:
         """Lease the instance that serves `name` for this request, loading it if it must
         (waiting, at most `policy.load_wait_s`, for room). `conversation`: the request's
-        sticky key for a canary."""
+        sticky key for a canary; `primary_only`: never a canary or fallback (embeddings:
+        vectors of one model only)."""
         slot = self.slot(name, principal)
         if slot.ref is None:
             model = self.resolve(name, principal)
@@ -452,12 +469,28 @@ class ModelTable:
             instance.last_used = time.monotonic()
             del model
             return Lease(self, slot, instance)
-        route, key, shadow = self._route(slot, conversation)
-        instance = await self._ready(key, slot)
-        if keep_alive_s is not None:
-            instance.keep_alive_s = keep_alive_s
+        route, key, shadow = self._route(slot, conversation, primary_only)
+        if route != "primary":
+            try:
+                instance = await self._ready(key, slot)
+            except EdgeLLMError as exc:  # a bad canary or fallback: the primary serves
+                slot.bad.add(key)
+                log.error("%s: version %s not served (%s); its requests go to the primary",
+                          slot.model_id, self._short(key), exc.message)  # fmt: skip
+                route, shadow = "primary", None
+                instance = await self._ready(slot.target, slot)
+        else:
+            instance = await self._ready(key, slot)
+        # as in Ollama, each request sets how long the model stays after it: its own
+        # keep_alive, else the server's
+        instance.keep_alive_s = self.policy.keep_alive_s if keep_alive_s is None else keep_alive_s
         if shadow is not None and slot.shadows >= SHADOWS_MAX:
             shadow = None
+        if shadow is not None and shadow[0] == "probe" and slot.fallback is not None:
+            if slot.fallback.probing:
+                shadow = None  # one probe at a time
+            else:
+                slot.fallback.probing = True  # until the probe ends (Lease.drop_shadow)
         return Lease(self, slot, instance, route, shadow)
 
     async def acquire_key(self, slot: Slot, key: str) -> Lease:
@@ -465,17 +498,21 @@ class ModelTable:
         return Lease(self, slot, await self._ready(key, slot))
 
     def _route(
-        self, slot: Slot, conversation: str | None
+        self, slot: Slot, conversation: str | None, primary_only: bool = False
     ) -> tuple[Route, str, tuple[Literal["mirror", "probe"], str] | None]:
         deployment = slot.deployment
-        if deployment is None:
+        if deployment is None or primary_only:
             return "primary", slot.target, None
         fallback = slot.fallback
-        if fallback is not None and fallback.active and deployment.fallback is not None:
-            probe = None if fallback.probing else ("probe", slot.target)
-            return "fallback", version_key(deployment.fallback), probe  # type: ignore[return-value]
+        if (
+            fallback is not None
+            and fallback.active
+            and deployment.fallback is not None
+            and version_key(deployment.fallback) not in slot.bad
+        ):
+            return "fallback", version_key(deployment.fallback), ("probe", slot.target)
         candidate = deployment.candidate
-        if candidate is not None and version_key(candidate) != slot.failed:
+        if candidate is not None and version_key(candidate) not in (slot.failed, *slot.bad):
             if (
                 deployment.weight > 0
                 and conversation is not None
@@ -488,17 +525,23 @@ class ModelTable:
 
     async def _ready(self, key: str, slot: Slot) -> Instance:
         """The ready instance of `key` with one more request in flight."""
+        instance = await self._ensure(key, slot)
+        instance.in_flight += 1  # no await since it was found ready: it cannot be unloading
+        instance.requests += 1
+        instance.last_used = time.monotonic()
+        return instance
+
+    async def _ensure(self, key: str, slot: Slot, swap: Slot | None = None) -> Instance:
+        """The ready instance of `key`, loaded if it must be (after an unload of it that is
+        still finishing)."""
         while True:
             instance = self._instances.get(key)
             if instance is not None and instance.state == "ready":
-                instance.in_flight += 1
-                instance.requests += 1
-                instance.last_used = time.monotonic()
                 return instance
             if instance is not None and instance.state == "unloading":
                 await self._wait_change(self.policy.load_wait_s)
                 continue
-            task = self._loads.get(key) or self._start_load(key, slot)
+            task = self._loads.get(key) or self._start_load(key, slot, swap)
             await asyncio.shield(task)  # raises the load's error; a client gone leaves it
 
     def _start_load(self, key: str, slot: Slot, swap: Slot | None = None) -> asyncio.Task[Instance]:
@@ -532,8 +575,9 @@ class ModelTable:
         assert self.loader is not None
         version = self._versions[key]
         prepared = await asyncio.to_thread(self.loader.prepare, version, slot.model_id)
-        try:
-            await self._reserve(prepared.estimate_bytes, key, swap)
+        try:  # a canary, mirror or probe never unloads the primary of its own name
+            protect = {slot.target} if key != slot.target and swap is None else set()
+            await self._reserve(prepared.estimate_bytes, key, swap, protect)
         except BaseException:
             prepared.close()
             raise
@@ -582,19 +626,23 @@ class ModelTable:
             return False
         return policy.max_memory is None or self.used_bytes() + size <= policy.max_memory
 
-    async def _reserve(self, size: int, key: str, swap: Slot | None) -> None:
+    async def _reserve(
+        self, size: int, key: str, swap: Slot | None, protect: set[str] | None = None
+    ) -> None:
         """Make room for `size` bytes, unloading idle instances least recently used first,
         else waiting for one to become idle. `swap`: a slot whose target this load replaces;
         when both cannot be held, its old target is retired first."""
         policy = self.policy
         if policy.max_memory is not None and size > policy.max_memory:
-            raise ModelBudgetError(
+            raise ModelTooLarge(
                 f"this model needs about {format_size(size)} loaded, more than the memory "
                 f"budget (--max-memory {format_size(policy.max_memory)})"
             )
         deadline = time.monotonic() + policy.load_wait_s
         while not self._fits(size):
-            victim = self._victim(exclude={key} | ({swap.target} if swap else set()))
+            victim = self._victim(
+                exclude={key, *(protect or ())} | ({swap.target} if swap else set())
+            )
             if victim is not None:
                 await self._unload(victim, "to make room")
                 continue
@@ -640,7 +688,8 @@ class ModelTable:
             await asyncio.to_thread(instance.model.engine.shutdown)
         finally:
             instance.close()
-            self._instances.pop(instance.key, None)
+            if self._instances.get(instance.key) is instance:
+                del self._instances[instance.key]
             self._notify()
 
     async def load(self, name: str) -> Instance:
@@ -737,9 +786,16 @@ class ModelTable:
                 self._versions[version_key(version)] = version
         if self._all_tags:
             for ref, new in by_ref.items():
-                if _shown(ref) not in self._slots:
-                    await asyncio.to_thread(self._add_slot, new)
-                    log.info("serving %s, tagged since the start", _shown(ref))
+                if _shown(ref) in self._slots or (ref, new.target.id) in self._refused:
+                    continue
+                try:
+                    prepared = await asyncio.to_thread(self._prepare_card, new)
+                except EdgeLLMError as exc:
+                    self._refused.add((ref, new.target.id))  # until the tag moves
+                    log.error("%s is tagged but cannot be served: %s", ref, exc.message)
+                    continue
+                self._add_slot(new, prepared)
+                log.info("serving %s, tagged since the start", _shown(ref))
         for slot in list(self._slots.values()):
             if slot.ref is None:
                 continue
@@ -752,6 +808,7 @@ class ModelTable:
             self._configure(slot, found)
             want = version_key(found.target)
             if want not in (slot.target, slot.pending, slot.failed):
+                slot.pending = want  # set now: a refresh beside the watcher swaps once
                 self._spawn(self._swap(slot, found.target))
         self._retire_unwanted()
 
@@ -761,6 +818,11 @@ class ModelTable:
         slot.deployment = deployment
         if before is not None and before.target.id != deployment.target.id:
             slot.failed = None
+        if before is None or (before.candidate, before.fallback) != (
+            deployment.candidate,
+            deployment.fallback,
+        ):
+            slot.bad.clear()  # another candidate or fallback: try it
         wanted = (deployment.ttft_p99_s, deployment.window_s) if deployment.fallback else None
         current = slot.fallback
         if wanted is None:
@@ -779,17 +841,14 @@ class ModelTable:
         log.info("%s moved to version %s: loading it beside %s", slot.model_id, version.short,
                  self._versions[old].short if old in self._versions else old)  # fmt: skip
         try:
-            task = self._loads.get(key)
-            loaded = key in self._instances and self._instances[key].state == "ready"
-            if task is None and not loaded:
-                task = self._start_load(key, slot, swap=slot)
-            if task is not None:
-                await asyncio.shield(task)
+            instance = await self._ensure(key, slot, swap=slot)
         except EdgeLLMError as exc:
-            slot.problem, slot.failed = f"version {version.short} not served: {exc.message}", key
-            if slot.target == key:  # it was swapping in place: serve nothing broken
-                slot.target = old if old in self._instances else key
+            slot.problem = f"version {version.short} not served: {exc.message}"
+            if not isinstance(exc, ModelBudgetError) or isinstance(exc, ModelTooLarge):
+                slot.failed = key  # not retried until the tag moves; a busy budget is
+            slot.target = old  # swapping in place: the old version (reloaded if it must be)
             log.error("%s: %s", slot.model_id, slot.problem)
+            self._retire_unwanted()
             return
         finally:
             if slot.pending == key:
@@ -798,9 +857,10 @@ class ModelTable:
         if deployment is None or version_key(deployment.target) != key:
             self._retire_unwanted()  # moved again meanwhile: the next swap takes over
             return
-        instance = self._instances[key]
         flipped = time.monotonic()
         slot.target = key
+        if slot.fallback is not None:  # a new primary: its latency is measured afresh
+            slot.fallback = Fallback(slot.fallback.objective_s, slot.fallback.window_s)
         ready = instance.loaded_at or flipped
         slot.swaps = [*slot.swaps[-9:], {
             "from": self._versions[old].short if old in self._versions else None,
@@ -846,7 +906,10 @@ class ModelTable:
         primary = self._instances.get(slot.target)
         if primary is None or record.version != primary.version or record.error is not None:
             return
-        fallback.add(record.ttft_s)
+        if record.first_output is None:
+            return
+        # from submission: the model's own latency, not a wait for its load
+        fallback.add(record.first_output - (record.submitted or record.started))
         if fallback.update():
             self._log_fallback(slot)
 
