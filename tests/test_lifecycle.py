@@ -251,6 +251,8 @@ async def test_fallback_takes_traffic_when_the_primary_is_slow_and_gives_it_back
         back = routes.index("primary")
         assert set(routes[:back]) == {"fallback"}
         assert srv.table.slots()[0].fallback.transitions == 2
+        metrics = (await srv.client.get("/metrics")).text
+        assert 'edgellm_fallback_active{model="m:prod"} 0.0' in metrics
 
 
 def test_fallback_hysteresis_does_not_flap() -> None:
