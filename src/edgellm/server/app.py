@@ -16,6 +16,7 @@ from starlette.types import Scope
 from edgellm import __version__
 from edgellm.engine.engine import describe
 from edgellm.errors import EdgeLLMError
+from edgellm.server.admin import router as admin_router
 from edgellm.server.audit import AuditMiddleware, AuditTrail
 from edgellm.server.auth import KeyAuth
 from edgellm.server.drain import Drain, DrainGate
@@ -110,6 +111,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.include_router(admin_router)
 
     app.add_api_route("/", root, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route("/health", health, methods=["GET"])

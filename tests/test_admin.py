@@ -1,0 +1,154 @@
+"""The admin API on a real registry (SQLite in a temporary $EDGELLM_HOME, tiny GGUF versions)
+beside an in-process server whose versions load as scripted models: the operations change the
+registry and the server follows at once; bad input is a 4xx naming the field, and changes
+nothing; only admin keys get in."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgellm.registry import Registry
+from edgellm.registry.deploy import Deployment
+from edgellm.server.auth import may_call
+from edgellm.settings import ServerSettings
+from tests.lifecycle_fakes import ScriptedRegistry, live_server
+from tests.test_models_deploy import record_eval
+from tests.test_models_registry import cli_json, tiny_gguf
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class OnDisk(ScriptedRegistry):
+    """Deployments from the real registry; versions load as scripted models."""
+
+    def deployments(self) -> list[Deployment]:
+        with Registry.open() as registry:
+            return registry.deployments()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path / "home"))
+    versions = []
+    for n in (1, 2, 3):
+        gguf = tiny_gguf(tmp_path / f"{n}.gguf", n)
+        versions.append(cli_json("models", "add", str(gguf), "--name", f"m:v{n}"))
+    cli_json("models", "tag", "m:v1", "m:prod")
+    yield versions
+
+
+def served_version(r: Any) -> str:
+    assert r.status_code == 200, r.text
+    return str(r.headers["x-edgellm-model-version"])
+
+
+async def test_operations_move_the_registry_and_the_server_follows(
+    home: list[dict[str, Any]],
+) -> None:
+    v1, v2, v3 = (v["version"] for v in home)
+    async with live_server(OnDisk(), ["m:prod"]) as srv:
+        assert served_version(await srv.chat("m:prod")) == v1
+        moved = await srv.client.post("/admin/promote", json={"model": "m:prod", "to": "v2"})
+        assert moved.status_code == 200, moved.text
+        assert (moved.json()["previous"], moved.json()["current"]) == (v1, v2)
+        await srv.until(lambda: srv.table.slots()[0].target != "v1")
+        assert served_version(await srv.chat("m:prod")) == v2
+
+        back = await srv.client.post("/admin/rollback", json={"model": "m:prod"})
+        assert back.json()["current"] == v1
+        await srv.until(lambda: srv.table.describe()["models"]["m:prod"]["version"] == v1)
+
+        canary = await srv.client.post(
+            "/admin/canary", json={"model": "m:prod", "to": "v3", "weight": 100}
+        )
+        assert canary.status_code == 200, canary.text
+        assert canary.json()["candidate"] == v3
+        await srv.until(lambda: srv.table.slots()[0].deployment.candidate is not None)
+        r = await srv.chat("m:prod")
+        assert served_version(r) == v3 and r.headers["x-edgellm-route"] == "canary"
+        ended = await srv.client.post("/admin/canary/end", json={"model": "m:prod"})
+        assert ended.json()["candidate"] is None
+
+        fallback = await srv.client.post(
+            "/admin/fallback",
+            json={"model": "m:prod", "to": "v2", "ttft_p99": "800ms", "window": 30},
+        )
+        assert fallback.status_code == 200, fallback.text
+        assert (fallback.json()["ttft_p99_s"], fallback.json()["window_s"]) == (0.8, 30.0)
+        await srv.until(lambda: srv.table.slots()[0].fallback is not None)
+        off = await srv.client.post("/admin/fallback/off", json={"model": "m:prod"})
+        assert off.json()["fallback"] is None
+
+        described = (await srv.client.get("/admin/models")).json()
+        assert described["models"]["m:prod"]["version"] == v1
+        loaded = await srv.client.post("/admin/models/m:prod/unload")
+        assert loaded.status_code == 200 and v1 in loaded.json()["unloaded"]
+        again = await srv.client.post("/admin/models/m:prod/load")
+        assert again.json()["version"] == v1 and again.json()["state"] == "ready"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/admin/promote", {"model": "m:prod", "to": "nosuch"}, 400, "to"),
+        ("/admin/canary", {"model": "m:prod", "to": "v2", "weight": 0}, 400, "weight"),
+        ("/admin/canary", {"model": "m:prod", "to": "v2", "weight": 101}, 400, "weight"),
+        ("/admin/fallback", {"model": "m:prod", "to": "v1", "ttft_p99": "1s"}, 400, "to"),
+        ("/admin/fallback", {"model": "m:prod", "to": "v2", "ttft_p99": "soon"}, 400, "ttft_p99"),
+        ("/admin/rollback", {"model": "m:prod"}, 400, None),
+        ("/admin/promote", {"model": "nosuch:tag", "to": "v2"}, 404, None),
+    ],
+)
+async def test_bad_operations_are_4xx_and_change_nothing(
+    home: list[dict[str, Any]], path: str, body: dict[str, Any], status: int, param: str | None
+) -> None:
+    async with live_server(OnDisk(), ["m:prod"]) as srv:
+        before = srv.table.describe()["models"]
+        r = await srv.client.post(path, json=body)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["message"]
+        if param is not None:
+            assert error["param"] == param
+        with Registry.open() as registry:
+            assert registry.deployment("m:prod").target.short == home[0]["version"]
+        assert srv.table.describe()["models"] == before
+
+
+async def test_a_failing_gate_is_409_and_force_goes_past_it(home: list[dict[str, Any]]) -> None:
+    cli_json("models", "set", "m:prod", "gate=kl_mean<0.05")
+    record_eval(Path(os.environ["EDGELLM_HOME"]), home[1]["sha256"], {"kl_mean": 0.2})
+    async with live_server(OnDisk(), ["m:prod"]) as srv:
+        refused = await srv.client.post("/admin/promote", json={"model": "m:prod", "to": "v2"})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "gate_failed"
+        forced = await srv.client.post(
+            "/admin/promote", json={"model": "m:prod", "to": "v2", "force": True}
+        )
+        assert forced.status_code == 200 and forced.json()["forced"] is True
+    conn = sqlite3.connect(Path(os.environ["EDGELLM_HOME"]) / "edgellm.db")
+    try:
+        rows = conn.execute("SELECT route, method, model, finish_reason FROM audit_log").fetchall()
+    finally:
+        conn.close()
+    assert ("models promote", "POST", "m:prod", "forced") in rows
+
+
+async def test_only_admin_keys_reach_the_admin_api(home: list[dict[str, Any]]) -> None:
+    assert not may_call("user", "/admin/promote") and not may_call("metrics", "/admin/models")
+    settings = ServerSettings(api_key="admin-secret")
+    async with live_server(OnDisk(), ["m:prod"], settings=settings) as srv:
+        assert (await srv.client.get("/admin/models")).status_code == 401
+        ok = await srv.client.get("/admin/models", headers={"Authorization": "Bearer admin-secret"})
+        assert ok.status_code == 200
