@@ -216,6 +216,12 @@ async def test_mirroring_copies_every_request_without_changing_answers() -> None
         # the candidate took a copy of each of the 10 mirrored requests: as many as the primary
         assert counts[(version(2).short, "mirror")] == 10
         assert counts[(version(1).short, "openai")] == 20
+        agreement = {
+            s.labels["result"]: s.value
+            for s in families["edgellm_mirror_requests"].samples
+            if s.name.endswith("_total")
+        }
+        assert agreement == {"match": 10.0}  # the same scripted model: the same answers
 
 
 async def test_fallback_takes_traffic_when_the_primary_is_slow_and_gives_it_back() -> None:

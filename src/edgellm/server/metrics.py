@@ -23,7 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
@@ -64,6 +64,13 @@ class Metrics:
             "edgellm_requests_finished",
             "Generation requests by how they ended.",
             ["model", "version", "finish_reason"],
+            registry=registry,
+        )
+        self.mirrored = Counter(
+            "edgellm_mirror_requests",
+            "Requests copied to a canary candidate (--mirror), by whether its answer was the "
+            "client's: match, differ, error (the copy failed) or unknown (the client's did).",
+            ["model", "version", "result"],
             registry=registry,
         )
         self.rejected = Counter(
@@ -132,6 +139,13 @@ class Metrics:
         """The record sink: count one generation request that reached the pipeline."""
         labels = self._labels(record)
         self.requests.labels(*labels, record.api, str(record.status)).inc()
+        if record.api == "mirror":
+            match = record.mirror_match
+            if record.error:
+                result = "error"
+            else:
+                result = "unknown" if match is None else "match" if match else "differ"
+            self.mirrored.labels(*labels, result).inc()
         if record.submitted is None:
             return  # refused before the engine saw it (counted as a rejection too)
         reason = record.finish_reason if record.finish_reason in FINISH_REASONS else "error"
@@ -184,7 +198,7 @@ class _EngineGauges(Collector):
     def __init__(self, table: ModelTable):
         self.table = table
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             "edgellm_engine_up",
             "1 while the model's engine serves; 0 loading or stopped.",
@@ -206,6 +220,20 @@ class _EngineGauges(Collector):
             "KV cache cells held by requests, as a fraction of all cells (0-1).",
             labels=["model"],
         )
+        memory = GaugeMetricFamily(
+            "edgellm_model_memory_bytes",
+            "Memory a loaded version is charged: the larger of its estimate and its measured "
+            "resident growth.",
+            labels=["model", "version"],
+        )
+        budget = GaugeMetricFamily(
+            "edgellm_model_memory_budget_bytes", "The loaded models' memory budget (--max-memory)."
+        )
+        transitions = CounterMetricFamily(
+            "edgellm_fallback_transitions",
+            "Times a served name's SLO fallback switched on or off.",
+            labels=["model"],
+        )
         fallback = GaugeMetricFamily(
             "edgellm_fallback_active",
             "1 while a served name's SLO fallback takes its new requests; 0 on its primary.",
@@ -219,10 +247,13 @@ class _EngineGauges(Collector):
             up.add_metric([slot.model_id], 1.0 if alive else 0.0)
             if slot.fallback is not None:
                 fallback.add_metric([slot.model_id], 1.0 if slot.fallback.active else 0.0)
+                transitions.add_metric([slot.model_id], slot.fallback.transitions)
         for instance in table.loaded():
             engine = instance.model.engine
             names = [s.model_id for s in table.slots() if s.target == instance.key]
             names = names or [instance.model.model_id]
+            if instance.state == "ready" and not instance.pinned:
+                memory.add_metric([names[0], instance.version], instance.size_bytes)
             if engine.ready and engine.failure is None:
                 for name in names:
                     loaded.add_metric([name, instance.version or instance.model.version], 1.0)
@@ -233,4 +264,7 @@ class _EngineGauges(Collector):
             running.add_metric([name], stats.running)
             waiting.add_metric([name], stats.waiting)
             kv.add_metric([name], stats.cells_used / stats.n_ctx if stats.n_ctx else 0)
-        yield from (up, loaded, running, waiting, kv, fallback)
+        if table.policy.max_memory is not None:
+            budget.add_metric([], table.policy.max_memory)
+            yield budget
+        yield from (up, loaded, running, waiting, kv, fallback, transitions, memory)

@@ -377,6 +377,7 @@ class Pipeline:
                 )
                 record.started = time.monotonic()
                 stream = await model.engine.submit(copy)
+                record.submitted = record.started  # its latency counts from its own submission
                 raw = hashlib.sha256()
                 async for output in stream:
                     if output.error is not None:
