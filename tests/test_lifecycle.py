@@ -259,6 +259,7 @@ async def test_fallback_takes_traffic_when_the_primary_is_slow_and_gives_it_back
         assert srv.table.slots()[0].fallback.transitions == 2
         metrics = (await srv.client.get("/metrics")).text
         assert 'edgellm_fallback_active{model="m:prod"} 0.0' in metrics
+        assert 'edgellm_fallback_transitions_total{model="m:prod"} 2.0' in metrics
 
 
 def test_fallback_hysteresis_does_not_flap() -> None:

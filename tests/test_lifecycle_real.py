@@ -202,6 +202,9 @@ def test_three_models_in_a_budget_for_two(home: Path) -> None:
         ask("m:v1")
         assert loaded() == ["m:v1", "m:v2"]
         assert sum(1 for _ in pieces) > 100  # the stream ran to its end
+        metrics = httpx.get(server.base + "/metrics", timeout=5).text
+        assert "edgellm_model_memory_budget_bytes 7.340032e+08" in metrics
+        assert metrics.count("edgellm_model_memory_bytes{") == 2
         describe = httpx.get(server.base + "/ready", timeout=5).json()
         print("memory:", json.dumps({"peak_growth_bytes": peak, "budget_bytes": budget,
                                      "loaded": describe["loaded"]}))  # fmt: skip
