@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgellm.errors import ModelFileError, ValidationError
 from edgellm.server.lifecycle import Policy
+from edgellm.server.lifecycle.compare import histogram_quantile, summarize
 from edgellm.server.lifecycle.keep_alive import parse_keep_alive
 from edgellm.server.lifecycle.memory import parse_size
 from edgellm.server.lifecycle.routing import Fallback
@@ -374,3 +375,46 @@ async def test_a_canary_that_cannot_load_sends_its_conversations_to_the_primary(
             r = await srv.chat("a:prod")
             assert r.status_code == 200, r.text
             assert r.headers["x-edgellm-route"] == "primary"
+
+
+async def test_compare_summarizes_each_version_from_the_metrics() -> None:
+    reg = registry(("m:prod", 1))
+    reg.point("m:prod", candidate=version(2), weight=50.0, mirror=100.0)
+    async with live_server(reg, ["m:prod"]) as srv:
+        for i in range(40):
+            r = await srv.chat("m:prod", seed=i, messages=[{"role": "user", "content": f"q{i}"}])
+            assert r.status_code == 200
+        await srv.until(lambda: srv.table.slots()[0].shadows == 0)
+        exposition = (await srv.client.get("/metrics")).text
+    routed = {
+        v: sum(r.version == v for r in srv.records) for v in (version(1).short, version(2).short)
+    }
+    summaries = {s.version: s for s in summarize(exposition, "m:prod")}
+    primary, candidate = summaries[version(1).short], summaries[version(2).short]
+    assert primary.requests == routed[version(1).short]
+    assert candidate.requests == routed[version(2).short]
+    assert candidate.mirrored == primary.requests  # every primary request copied to it
+    assert candidate.agreement == 1.0 and primary.agreement is None
+    for s in (primary, candidate):
+        p50, p99 = s.quantile("ttft", 0.5), s.quantile("ttft", 0.99)
+        assert p50 is not None and p99 is not None and 0 < p50 <= p99
+        assert s.tokens_per_s and s.tokens_per_s > 0 and s.errors == 0
+
+
+def test_histogram_quantile_interpolates_within_a_bucket() -> None:
+    buckets = {0.1: 10.0, 0.5: 30.0, 1.0: 40.0, math.inf: 40.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * (10 / 20))
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.99, {1.0: 0.0, math.inf: 0.0}) is None
+    assert histogram_quantile(0.99, {1.0: 1.0, math.inf: 5.0}) == 1.0  # past the last bound
+
+
+def test_compare_against_no_server_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "edgellm.cli", "models", "compare", "m:prod", "--url",
+         "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach" in lines[0], done.stderr

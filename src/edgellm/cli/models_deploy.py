@@ -202,3 +202,64 @@ def deployment_lines(d: Deployment) -> list[str]:
         lines.append(f"fallback {d.fallback.short} while the p99 TTFT over {d.window_s:g}s "
                      f"exceeds {d.ttft_p99_s or 0:g}s")  # fmt: skip
     return lines
+
+
+@app.command()
+@user_errors
+def compare(
+    name: str = typer.Argument(..., help="The served name, as clients send it (NAME:TAG)."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The running server."),
+    api_key: str | None = typer.Option(
+        None, help="A metrics or admin key, when the server has keys; else $EDGELLM_API_KEY."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Compare the versions of a served name from the server's metrics: requests, errors,
+    TTFT and end-to-end p50/p99, tokens/s, mirror agreement. Figures since the server started.
+
+    Example: edgellm models compare smollm2:prod --url http://127.0.0.1:8000
+    """
+    import os
+
+    import httpx
+
+    from edgellm.errors import EdgeLLMError
+    from edgellm.server.lifecycle.compare import summarize
+
+    key = api_key or os.environ.get("EDGELLM_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/metrics", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise EdgeLLMError(f"cannot reach {url}: {exc}") from None
+    if response.status_code in (401, 403):
+        raise EdgeLLMError(f"{url} refused the metrics ({response.status_code}): give --api-key")
+    if response.status_code != 200:
+        raise EdgeLLMError(f"{url}/metrics answered {response.status_code}")
+    shown = name.removesuffix(":latest")
+    summaries = summarize(response.text, shown)
+    if not summaries:
+        raise ValidationError(f"{url} has served no request of {shown} yet", param="name")
+    if as_json:
+        _echo_json({"name": shown, "versions": [s.as_json() for s in summaries]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{shown}: versions since the server started")
+    for column in ("version", "requests", "mirrored", "errors", "TTFT p50", "TTFT p99",
+                   "E2E p50", "E2E p99", "tokens/s", "mirror agreement"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "version" else "right")
+    for s in summaries:
+        table.add_row(
+            s.version, f"{s.requests:.0f}", f"{s.mirrored:.0f}", f"{s.errors:.0f}",
+            _secs(s.quantile("ttft", 0.5)), _secs(s.quantile("ttft", 0.99)),
+            _secs(s.quantile("e2e", 0.5)), _secs(s.quantile("e2e", 0.99)),
+            "-" if s.tokens_per_s is None else f"{s.tokens_per_s:.1f}",
+            "-" if s.agreement is None else f"{s.agreement:.0%}",
+        )  # fmt: skip
+    Console().print(table)
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
