@@ -249,7 +249,7 @@ def compare(
     table = Table(title=f"{shown}: versions since the server started")
     for column in ("version", "requests", "mirrored", "errors", "TTFT p50", "TTFT p99",
                    "E2E p50", "E2E p99", "tokens/s", "mirror agreement"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "version" else "right")
+        table.add_column(column, justify="left" if column == "version" else "right", no_wrap=True)
     for s in summaries:
         table.add_row(
             s.version, f"{s.requests:.0f}", f"{s.mirrored:.0f}", f"{s.errors:.0f}",
@@ -258,7 +258,9 @@ def compare(
             "-" if s.tokens_per_s is None else f"{s.tokens_per_s:.1f}",
             "-" if s.agreement is None else f"{s.agreement:.0%}",
         )  # fmt: skip
-    Console().print(table)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
 
 
 def _secs(value: float | None) -> str:
