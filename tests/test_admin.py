@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from edgellm.keystore import KeySpec, KeyStore
 from edgellm.registry import Registry
 from edgellm.registry.deploy import Deployment
+from edgellm.server import create_app
 from edgellm.server.auth import may_call
+from edgellm.server.lifecycle import ModelTable, Policy
 from edgellm.settings import ServerSettings
+from tests.inprocess import scripted_server
 from tests.lifecycle_fakes import ScriptedRegistry, live_server
 from tests.test_models_deploy import record_eval
 from tests.test_models_registry import cli_json, tiny_gguf
@@ -152,3 +157,75 @@ async def test_only_admin_keys_reach_the_admin_api(home: list[dict[str, Any]]) -
         assert (await srv.client.get("/admin/models")).status_code == 401
         ok = await srv.client.get("/admin/models", headers={"Authorization": "Bearer admin-secret"})
         assert ok.status_code == 200
+
+
+def make_keys(path: Path) -> tuple[KeyStore, dict[str, str]]:
+    store = KeyStore.open(path)
+    made = {
+        role: store.create(KeySpec.model_validate({"name": name, "role": role}))[0]
+        for name, role in (("root", "admin"), ("alice", "user"), ("prom", "metrics"))
+    }
+    return store, made
+
+
+async def test_user_and_metrics_keys_get_403_and_no_key_401(
+    home: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """With keys on, /admin is the admin role's: the others are refused by the key check,
+    before any registry is touched; an admin's forced move names its key in the audit log."""
+    cli_json("models", "set", "m:prod", "gate=kl_mean<0.05")
+    store, keys = make_keys(tmp_path / "keys.db")
+    table = ModelTable(loader=OnDisk(), policy=Policy(poll_s=0.05))
+    table.open_registry(["m:prod"])
+    app = create_app(ServerSettings(), table, keys=store)
+    promote = {"model": "m:prod", "to": "v2", "force": True}
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1"
+            ) as client:
+                for path in ("/admin/models", "/admin/promote"):
+                    for role, status in ((None, 401), ("user", 403), ("metrics", 403)):
+                        headers = {"Authorization": f"Bearer {keys[role]}"} if role else {}
+                        r = await client.request(
+                            "GET" if path == "/admin/models" else "POST", path,
+                            json=promote, headers=headers,
+                        )  # fmt: skip
+                        assert r.status_code == status, (path, role, r.text)
+                        assert r.json()["error"]["message"]
+                with Registry.open() as registry:
+                    assert registry.deployment("m:prod").target.short == home[0]["version"]
+                admin = {"Authorization": f"Bearer {keys['admin']}"}
+                r = await client.post("/admin/promote", json=promote, headers=admin)
+                assert r.status_code == 200 and r.json()["forced"] is True, r.text
+    finally:
+        store.close()
+    conn = sqlite3.connect(Path(os.environ["EDGELLM_HOME"]) / "edgellm.db")
+    try:
+        rows = conn.execute("SELECT method, key_name, finish_reason FROM audit_log").fetchall()
+    finally:
+        conn.close()
+    assert ("POST", "root", "forced") in rows
+
+
+async def test_a_server_of_model_files_refuses_registry_operations() -> None:
+    async with scripted_server() as srv:
+        listed = await srv.client.get("/admin/models")
+        assert listed.status_code == 200 and "scripted" in listed.json()["models"]
+        for path, body in (
+            ("/admin/promote", {"model": "scripted", "to": "v2"}),
+            ("/admin/rollback", {"model": "scripted"}),
+            ("/admin/canary", {"model": "scripted", "to": "v2", "weight": 5}),
+            ("/admin/canary/end", {"model": "scripted"}),
+            ("/admin/fallback", {"model": "scripted", "to": "v2", "ttft_p99": 1}),
+            ("/admin/fallback/off", {"model": "scripted"}),
+        ):
+            r = await srv.client.post(path, json=body)
+            assert r.status_code == 400, (path, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "no_registry" and "no registry models" in error["message"]
+        unload = await srv.client.post("/admin/models/scripted/unload")
+        assert unload.status_code == 400 and "static model" in unload.json()["error"]["message"]
+        assert (await srv.client.post("/admin/models/nosuch/load")).status_code == 404
+        assert (await srv.chat()).status_code == 200  # still serving

@@ -192,8 +192,17 @@ def _seconds(value: float | str, param: str) -> float:
 
 async def _operate(request: Request, operation: Callable[[Any, str], T], name: str) -> T:
     """Run a registry operation on the tag `name` names (a served name, or NAME:TAG) in a
-    worker thread (the registry's connection lives there), then apply it now."""
+    worker thread (the registry's connection lives there), then apply it now. A server of
+    model files only has no registry to move: refused, rather than writing a registry it
+    does not read."""
     table = models_of(request)
+    if table.loader is None:
+        raise ValidationError(
+            "this server serves no registry models (it was started with model files): "
+            "serve NAME:TAG to move tags from the admin API, or use `edgellm models` beside it",
+            param="model",
+            code="no_registry",
+        )
     ref = name
     for slot in table.slots():
         if name in (slot.model_id, slot.ref) and slot.ref is not None:
