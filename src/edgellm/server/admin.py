@@ -48,11 +48,25 @@ class FallbackBody(ModelRef):
     window: float | str = Field(60.0, description=f"The window. {DURATION}")
 
 
+class InstanceOut(Wire):
+    """One loaded version (an entry of /admin/models' `loaded`)."""
+
+    version: str
+    names: list[str]  # the served names that route to it
+    state: str  # loading | ready | unloading
+    in_flight: int
+    requests: int  # leases taken over its life
+    size_bytes: int  # what the budget is charged
+    estimate_bytes: int
+    measured_bytes: int | None
+    expires_in_s: float | None  # None: never
+
+
 class Described(Wire):
     """The served names, the loaded versions and the budget (as /ready shows them)."""
 
     models: dict[str, Any]
-    loaded: list[dict[str, Any]]
+    loaded: list[InstanceOut]
     budget: dict[str, Any]
 
 
@@ -88,7 +102,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return models_of(request).describe()
 
 
-@router.post("/models/{name}/load", response_model=dict[str, Any])
+@router.post("/models/{name}/load", response_model=InstanceOut)
 async def load(name: str, request: Request) -> dict[str, Any]:
     """Load the target of a served name now (it stays for its keep-alive)."""
     table = models_of(request)
