@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -418,3 +419,39 @@ def test_compare_against_no_server_is_one_line() -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach" in lines[0], done.stderr
+
+
+async def test_a_tag_removed_and_made_again_is_served_again() -> None:
+    reg = registry(("a:prod", 1), ("b:prod", 2))
+    async with live_server(reg, ["a:prod", "b:prod"]) as srv:
+        assert (await srv.chat("a:prod")).status_code == 200
+        del reg.tags["a:prod"]  # models rm a:prod
+        await srv.until(lambda: [s.model_id for s in srv.table.slots()] == ["b:prod"])
+        assert (await srv.chat("a:prod")).status_code == 404
+        await srv.until(lambda: not any(i.version == version(1).short for i in srv.table.loaded()))
+        reg.point("a:prod", target=version(3, "a"))  # models tag ... a:prod
+        await srv.until(lambda: len(srv.table.slots()) == 2)
+        r = await srv.chat("a:prod")
+        assert r.status_code == 200 and r.headers["x-edgellm-model-version"] == version(3).short
+
+
+def test_embeddings_take_turns_with_the_engines() -> None:
+    from edgellm.engine.turns import StepTurns
+    from tests.inprocess import TextRunner, scripted_model
+
+    class Counting(StepTurns):
+        taken = 0
+
+        def turn(self):  # type: ignore[no-untyped-def]
+            Counting.taken += 1
+            return super().turn()
+
+    model = scripted_model(TextRunner())
+    model.turns = Counting()
+    model.engine.start(asyncio.new_event_loop())
+    try:
+        model.engine.wait_loaded()
+        vectors, _ = model._embed(["one", "two"], False, "input", threading.Event())
+    finally:
+        model.engine.shutdown()
+    assert len(vectors) == 2 and Counting.taken == 2

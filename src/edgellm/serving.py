@@ -146,6 +146,7 @@ def _served(
         params=dict(source.version.params) if source.version else {},  # `models set` values
         reasoning=detect_reasoning(info.chat_template, server.reasoning),
         make_embedder=loaded.make_embedder,
+        turns=turns,
         version_of=lambda: loaded.version,
     )
 

@@ -104,6 +104,8 @@ def request_fields(record: Record, *, with_text: bool = False) -> dict[str, Any]
         "e2e_s": _seconds(record.e2e_s),
         "client": record.client,
     }
+    if record.variant != "primary":  # a canary's or a fallback's version took it
+        fields["variant"] = record.variant
     if record.error is not None:
         fields["error"] = record.error
         fields["error_code"] = record.error_code

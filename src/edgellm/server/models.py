@@ -17,6 +17,7 @@ from fastapi import Request as HttpRequest
 from edgellm.chat_template import ChatTemplate
 from edgellm.engine import AsyncEngine, Request, SamplingParams, Tokenizer
 from edgellm.engine.runner import Embedder
+from edgellm.engine.turns import StepTurns
 from edgellm.errors import ContextOverflow, ValidationError
 from edgellm.modelfile import ModelInfo
 from edgellm.reasoning import ReasoningFormat, opens_reasoning
@@ -61,6 +62,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     make_embedder: Callable[[], Embedder] | None = None  # built on first use
     version_of: Callable[[], str] = lambda: ""  # the weights' SHA-256 prefix, once loaded
+    turns: StepTurns | None = None  # shared with the process's engines: embeddings take turns
     _embedder: Embedder | None = None
     _user_text: UserText | None = None
     _embed_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,7 +108,11 @@ class ServedModel:
             if cancel.is_set():
                 break  # the client is gone: nobody will read the rest
             with self._embed_lock:  # one input at a time: requests take turns between inputs
-                vectors.append(embedder.embed(tokens[:n_ctx]))
+                if self.turns is None:
+                    vectors.append(embedder.embed(tokens[:n_ctx]))
+                else:  # and with the engines' steps, so the cores are not oversubscribed
+                    with self.turns.turn():
+                        vectors.append(embedder.embed(tokens[:n_ctx]))
             total += len(tokens[:n_ctx])
         return vectors, total
 

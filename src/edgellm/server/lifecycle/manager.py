@@ -218,6 +218,7 @@ class ModelTable:
         self._closing = False
         self._estimates: dict[str, int] = {}  # of each slot's first target, for the start check
         self._refused: set[tuple[str, int]] = set()  # (ref, version id) --all could not serve
+        self._untagged: set[str] = set()  # served refs whose tag was removed while serving
         for n, model in enumerate(models):
             self.add(model, key=f"static{n}")
 
@@ -784,10 +785,13 @@ class ModelTable:
         for deployment in deployments:
             for version in (deployment.target, *_routed(deployment)):
                 self._versions[version_key(version)] = version
-        if self._all_tags:
+        if self._all_tags or self._untagged:
             for ref, new in by_ref.items():
+                if not self._all_tags and ref not in self._untagged:
+                    continue
                 if _shown(ref) in self._slots or (ref, new.target.id) in self._refused:
                     continue
+                self._untagged.discard(ref)
                 try:
                     prepared = await asyncio.to_thread(self._prepare_card, new)
                 except EdgeLLMError as exc:
@@ -795,13 +799,14 @@ class ModelTable:
                     log.error("%s is tagged but cannot be served: %s", ref, exc.message)
                     continue
                 self._add_slot(new, prepared)
-                log.info("serving %s, tagged since the start", _shown(ref))
+                log.info("serving %s, tagged (again) since the start", _shown(ref))
         for slot in list(self._slots.values()):
             if slot.ref is None:
                 continue
             found = by_ref.get(slot.ref)
             if found is None:
                 del self._slots[slot.model_id]
+                self._untagged.add(slot.ref)  # served again if the tag comes back
                 log.warning("%s is no longer tagged in the registry: not served any more", slot.ref)
                 self._retire_unwanted()
                 continue
