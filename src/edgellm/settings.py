@@ -331,6 +331,14 @@ class ServerSettings(_LayerSettings):
         description="While the audit log cannot be written (disk full, database locked), "
         "refuse new requests with 503 until it can; off: serve on, records wait in memory.",
     )
+    agent_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Answer HAProxy's agent check on this port (same address as --host): "
+        "'up NN%' with the free capacity, 'drain' while draining, 'down' when an engine died.",
+        json_schema_extra={"shown_default": "off"},
+    )
     prefix_cache_scope: Literal["key", "global"] = Field(
         "key",
         description="key: a request reuses cached prompt cells of its own API key's requests "

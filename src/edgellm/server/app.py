@@ -17,6 +17,7 @@ from edgellm import __version__
 from edgellm.engine.engine import describe
 from edgellm.errors import EdgeLLMError
 from edgellm.server.admin import router as admin_router
+from edgellm.server.agent import AgentServer
 from edgellm.server.audit import AuditMiddleware, AuditTrail
 from edgellm.server.auth import KeyAuth
 from edgellm.server.drain import Drain, DrainGate
@@ -52,12 +53,18 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         table.start(asyncio.get_running_loop())
+        agent = None
+        if settings.agent_port is not None:
+            agent = AgentServer(table, app.state.drain, settings.host, settings.agent_port)
+            await agent.start()
         app.state.keys.announce()  # whether auth is on, and with how many keys
         if audit is not None:
             audit.start()
         try:
             yield
         finally:
+            if agent is not None:
+                await agent.stop()
             await pipeline.stop_shadows()
             await table.shutdown()
             if audit is not None:  # after the engines: the last records are in

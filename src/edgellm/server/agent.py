@@ -1,0 +1,78 @@
+"""HAProxy's agent check (`agent-check agent-port PORT` on a server line): HAProxy connects,
+this answers one line and closes. The line says how much of the box is free, so HAProxy's
+weights follow load rather than guess it:
+
+    up NN%   serving; NN is the free capacity (below)
+    drain    shutting down, or a hot swap is retiring a version to make room: no new sessions
+    down     an engine stopped after an internal error, or a model failed to load
+
+Free capacity, over the loaded engines (a box with nothing loaded is all free):
+
+    slots = 1 - (running + waiting) / parallel     requests it can start at once
+    kv    = 1 - kv_cells_used / kv_cells_total     KV cache it has left
+    NN    = round(100 x min(slots, kv)), at least 1
+
+A queue longer than the slots makes `slots` 0, hence 1%: HAProxy keeps a trickle going to a
+busy box (0% would stop it as a drain does) and sends the rest where there is room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from edgellm.server.drain import Drain
+from edgellm.server.lifecycle import ModelTable
+
+log = logging.getLogger("edgellm.server")
+
+
+def agent_line(table: ModelTable, drain: Drain) -> str:
+    """What the agent answers now (without the newline)."""
+    instances = table.loaded()
+    engines = [i.model.engine for i in instances]
+    if any(e.failure is not None or e.load_error is not None for e in engines) or table.failures:
+        return "down"
+    if drain.draining or any(s.problem and s.pending for s in table.slots()):
+        return "drain"
+    parallel = busy = used = total = 0
+    for instance in instances:
+        engine = instance.model.engine
+        stats = engine.stats() if engine.ready else None
+        if stats is None:
+            continue
+        parallel += engine.engine.scheduler.config.max_running
+        busy += stats.running + stats.waiting
+        used, total = used + stats.cells_used, total + stats.n_ctx
+    if not parallel:
+        return "up 100%"
+    slots = max(0.0, 1 - busy / parallel)
+    kv = 1 - used / total if total else 1.0
+    return f"up {max(1, round(100 * min(slots, kv)))}%"
+
+
+class AgentServer:
+    """The agent-check listener, started and stopped with the app."""
+
+    def __init__(self, table: ModelTable, drain: Drain, host: str, port: int):
+        self.table, self.drain = table, drain
+        self.host, self.port = host, port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._answer, self.host, self.port)
+        log.info("HAProxy agent check on %s:%d", self.host, self.port)
+
+    async def _answer(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.write((agent_line(self.table, self.drain) + "\n").encode())
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
