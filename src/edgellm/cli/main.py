@@ -12,6 +12,7 @@ from edgellm.cli import (
     bench,
     chat_command,
     compress,
+    gateway_command,
     keys_command,
     models_command,
     plan,
@@ -51,6 +52,7 @@ app.command()(compress.quantize)
 app.command(name="eval")(compress.evaluate)
 app.command()(plan.plan)
 app.add_typer(keys_command.app)
+app.add_typer(gateway_command.app)
 app.add_typer(models_command.app)
 app.add_typer(tls_command.app)
 app.add_typer(audit_command.app)
