@@ -68,6 +68,7 @@ OTHER: dict[str, Any] = {
     "audit": False,
     "audit_text": True,
     "audit_required": False,
+    "agent_port": 9101,
     "prefix_cache_scope": "global",
     "ctx": 4096,
     "parallel": 2,
