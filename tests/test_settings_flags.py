@@ -64,6 +64,7 @@ OTHER: dict[str, Any] = {
     "drain_timeout": 2.5,
     "shutdown_timeout": 9,
     "metrics": False,
+    "metrics_compat": "vllm",
     "metrics_public": True,
     "audit": False,
     "audit_text": True,

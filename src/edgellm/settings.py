@@ -310,6 +310,13 @@ class ServerSettings(_LayerSettings):
         "cancelled.",
     )
     metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
+    metrics_compat: Literal["off", "vllm"] = Field(
+        "off",
+        description="vllm: also export the load gauges under vLLM's names "
+        "(vllm:num_requests_running, vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
+        "vllm:gpu_cache_usage_perc), for routers that read only those: llm-d's scheduler, the "
+        "vLLM production-stack router.",
+    )
     metrics_public: bool = Field(
         False,
         description="Let anyone read /metrics; off: with API keys on, it needs a metrics or "

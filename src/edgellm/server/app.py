@@ -77,7 +77,7 @@ def create_app(
     app.state.keys = KeyRing(keys, api_key=settings.api_key)
     app.state.error_observers = []  # called with every whole error answer (server.errors)
     if settings.metrics:
-        metrics = Metrics(table)
+        metrics = Metrics(table, compat=settings.metrics_compat)
         sinks = [metrics.observe, *sinks]
         app.state.error_observers.append(metrics.on_error)
 

@@ -7,12 +7,15 @@ Label values come from bounded sets only: `model` is a served model's name or "u
 a name a client sent), `version` a served model's version (its weights' SHA-256 prefix) or "",
 `api` is openai | ollama | cli, `status` an HTTP status, `finish_reason` one of the engine's
 reasons, `reason` a rejection reason of `edgellm.errors`. docs/operations.md lists every series
-with its vLLM and llama-server counterparts.
+with its vLLM and llama-server counterparts; with `metrics_compat="vllm"` the engine gauges are
+also exported under vLLM's own names, for routers that read only those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,12 +48,13 @@ FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "abort", "error"})
 UNKNOWN = "unknown"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MetricsCompat = Literal["off", "vllm"]  # ServerSettings.metrics_compat
 
 
 class Metrics:
     """The registry of one server and the sink that feeds it."""
 
-    def __init__(self, table: ModelTable):
+    def __init__(self, table: ModelTable, compat: MetricsCompat = "off"):
         self.table = table
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: noise to dashboards, 2x the samples
         self.registry = registry = CollectorRegistry()
@@ -116,7 +120,7 @@ class Metrics:
         self.generation_sizes = self._histogram(
             "edgellm_request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
         )
-        registry.register(_EngineGauges(table))
+        registry.register(_EngineGauges(table, vllm_names=compat == "vllm"))
         ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu, open fds
         gpus = GpuGauges.open()
         if gpus is not None:
@@ -192,11 +196,50 @@ class Metrics:
                         self.requests.labels(slot.model_id, version, api, status)
 
 
-class _EngineGauges(Collector):
-    """Gauges read from each served engine's last stats, at scrape time."""
+# The load gauges: (name, help, the _EngineLoad field each shows), edgellm's and vLLM's names.
+LOAD_GAUGES = (
+    ("edgellm_requests_running", "Requests holding a sequence now.", "running"),
+    ("edgellm_requests_waiting", "Requests queued for a sequence.", "waiting"),
+    (
+        "edgellm_kv_cache_usage_ratio",
+        "KV cache cells held by requests, as a fraction of all cells (0-1).",
+        "kv_usage",
+    ),
+)
+# What routers that read only vLLM's names find (`metrics_compat="vllm"`, label `model_name`):
+# the Gateway API Inference Extension's endpoint picker (llm-d's scheduler) reads
+# num_requests_waiting, num_requests_running and kv_cache_usage_perc by default; the vLLM
+# production-stack router reads the two request gauges and gpu_cache_usage_perc, the KV usage's
+# name before vLLM's v1 engine.
+VLLM_LOAD_GAUGES = (
+    ("vllm:num_requests_running", "Requests holding a sequence now.", "running"),
+    ("vllm:num_requests_waiting", "Requests queued for a sequence.", "waiting"),
+    ("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (1 means 100 percent).", "kv_usage"),
+    (
+        "vllm:gpu_cache_usage_perc",
+        "KV cache usage, 0-1: vllm:kv_cache_usage_perc under its older name.",
+        "kv_usage",
+    ),
+)
 
-    def __init__(self, table: ModelTable):
+
+@dataclass(slots=True)
+class _EngineLoad:
+    """One loaded engine's load, from its last published stats."""
+
+    model: str  # the first served name the engine serves
+    running: int  # requests holding a sequence
+    waiting: int  # requests queued for one
+    kv_usage: float  # KV cells held / all cells, 0-1
+
+
+class _EngineGauges(Collector):
+    """Gauges read from each served engine's last stats, at scrape time; `vllm_names`: the
+    load gauges also under vLLM's names (VLLM_LOAD_GAUGES)."""
+
+    def __init__(self, table: ModelTable, vllm_names: bool = False):
         self.table = table
+        self.vllm_names = vllm_names
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -208,17 +251,6 @@ class _EngineGauges(Collector):
             "edgellm_model_loaded",
             "1 for each version of a model whose weights are loaded and serving.",
             labels=["model", "version"],
-        )
-        running = GaugeMetricFamily(
-            "edgellm_requests_running", "Requests holding a sequence now.", labels=["model"]
-        )
-        waiting = GaugeMetricFamily(
-            "edgellm_requests_waiting", "Requests queued for a sequence.", labels=["model"]
-        )
-        kv = GaugeMetricFamily(
-            "edgellm_kv_cache_usage_ratio",
-            "KV cache cells held by requests, as a fraction of all cells (0-1).",
-            labels=["model"],
         )
         memory = GaugeMetricFamily(
             "edgellm_model_memory_bytes",
@@ -240,6 +272,7 @@ class _EngineGauges(Collector):
             labels=["model"],
         )
         table = self.table
+        loads: list[_EngineLoad] = []
         for slot in table.slots():
             instance = next((i for i in table.loaded() if i.key == slot.target), None)
             engine = instance.model.engine if instance is not None else None
@@ -258,13 +291,23 @@ class _EngineGauges(Collector):
                 for name in names:
                     loaded.add_metric([name, instance.version or instance.model.version], 1.0)
             stats = engine.stats()
-            if stats is None:
-                continue
-            name = names[0]
-            running.add_metric([name], stats.running)
-            waiting.add_metric([name], stats.waiting)
-            kv.add_metric([name], stats.cells_used / stats.n_ctx if stats.n_ctx else 0)
+            if stats is not None:
+                kv_usage = stats.cells_used / stats.n_ctx if stats.n_ctx else 0.0
+                loads.append(_EngineLoad(names[0], stats.running, stats.waiting, kv_usage))
         if table.policy.max_memory is not None:
             budget.add_metric([], table.policy.max_memory)
             yield budget
-        yield from (up, loaded, running, waiting, kv, fallback, transitions, memory)
+        yield from (up, loaded, *_load_gauges(LOAD_GAUGES, "model", loads))
+        yield from (fallback, transitions, memory)
+        if self.vllm_names:
+            yield from _load_gauges(VLLM_LOAD_GAUGES, "model_name", loads)
+
+
+def _load_gauges(
+    gauges: tuple[tuple[str, str, str], ...], label: str, loads: list[_EngineLoad]
+) -> Iterator[Metric]:
+    for name, documentation, field in gauges:
+        family = GaugeMetricFamily(name, documentation, labels=[label])
+        for load in loads:
+            family.add_metric([load.model], getattr(load, field))
+        yield family
