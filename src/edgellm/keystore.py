@@ -38,6 +38,18 @@ KEY_PREFIX = "edg-"
 PREFIX_CHARS = 12  # "edg-" and 8 random characters, stored in the clear as the lookup index
 API_KEY_NAME = "api-key"  # the principal of --api-key; no stored key may take this name
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+PREFIX_PATTERN = r"edg-[A-Za-z0-9_-]{8}"  # KEY_PREFIX, then PREFIX_CHARS - 4 of the secret
+
+
+class KeyExists(ValidationError):
+    """A key of that name is stored (409 from the admin API; `keys create` says it in one
+    line like any bad input)."""
+
+    status_code = 409
+
+
+class UnknownKey(ValidationError):
+    status_code = 404
 
 
 def utc_today() -> date:
@@ -169,9 +181,22 @@ class KeyStore:
     def create(self, spec: KeySpec) -> tuple[str, KeyInfo]:
         """Make a key as `spec` says; returns the key (to be shown once) and its row."""
         key = new_key()
+        return key, self.add_hashed(spec, key[:PREFIX_CHARS], key_digest(key.encode()))
+
+    def add_hashed(self, spec: KeySpec, prefix: str, digest: bytes) -> KeyInfo:
+        """Store a key made elsewhere from its prefix and SHA-256 (`edgellm fleet keys
+        create` makes one secret and gives every worker only these): this store never sees
+        the secret. KeyExists if the name is taken."""
+        if not re.fullmatch(PREFIX_PATTERN, prefix):
+            raise ValidationError(
+                f"a key's prefix is its first {PREFIX_CHARS} characters ({KEY_PREFIX}...)",
+                param="prefix",
+            )
+        if len(digest) != hashlib.sha256().digest_size:
+            raise ValidationError("a key's digest is its SHA-256: 32 bytes", param="sha256")
         models = json.dumps(list(spec.models)) if spec.models is not None else None
         expires = spec.expires.isoformat() if spec.expires else None
-        values = (spec.name, key[:PREFIX_CHARS], key_digest(key.encode()), spec.role, models)
+        values = (spec.name, prefix, digest, spec.role, models)
         limits = (spec.rpm, spec.tpm, spec.max_concurrent, expires, utc_now())
         with self._lock:
             try:
@@ -183,8 +208,10 @@ class KeyStore:
                     )
             except sqlite3.IntegrityError as exc:
                 if self._row(spec.name) is None:
-                    raise  # pragma: no cover - a hash collision of 256 random bits
-                raise ValidationError(
+                    raise KeyExists(  # its digest is stored: the same secret once more
+                        "this key is stored already, under another name", param="sha256"
+                    ) from exc
+                raise KeyExists(
                     f"a key named '{spec.name}' exists already (names are never reused, "
                     "revoked keys' included: the audit log names keys); choose another",
                     param="name",
@@ -192,7 +219,7 @@ class KeyStore:
             info = self._row(spec.name)
         if info is None:  # pragma: no cover - deleted between the two statements
             raise ValidationError(f"the key '{spec.name}' vanished as it was made")
-        return key, info
+        return info
 
     def all_keys(self) -> list[KeyInfo]:
         """Every key, revoked and expired ones too, oldest first."""
@@ -211,7 +238,7 @@ class KeyStore:
                 )
             info = self._row(name)
         if info is None:
-            raise ValidationError(f"there is no key named '{name}'", param="name")
+            raise UnknownKey(f"there is no key named '{name}'", param="name")
         return info
 
     def digests(self) -> list[tuple[bytes, KeyInfo]]:

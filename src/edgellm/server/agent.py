@@ -3,7 +3,8 @@ this answers one line and closes. The line says how much of the box is free, so 
 weights follow load rather than guess it:
 
     up NN%   serving; NN is the free capacity (below)
-    drain    shutting down, or a hot swap is retiring a version to make room: no new sessions
+    drain    shutting down, in a maintenance drain (`edgellm fleet` swapping this worker), or a
+             hot swap is retiring a version to make room: no new sessions
     down     an engine stopped after an internal error, or a model failed to load
 
 Free capacity, over the loaded engines (a box with nothing loaded is all free):
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from edgellm.server.drain import Drain
 from edgellm.server.lifecycle import ModelTable
@@ -28,27 +30,55 @@ from edgellm.server.lifecycle import ModelTable
 log = logging.getLogger("edgellm.server")
 
 
-def agent_line(table: ModelTable, drain: Drain) -> str:
-    """What the agent answers now (without the newline)."""
-    instances = table.loaded()
-    engines = [i.model.engine for i in instances]
-    if any(e.failure is not None or e.load_error is not None for e in engines) or table.failures:
-        return "down"
-    if drain.draining or any(s.problem and s.pending for s in table.slots()):
-        return "drain"
-    parallel = busy = used = total = 0
-    for instance in instances:
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What the loaded engines are doing now, summed over them (ready engines only)."""
+
+    parallel: int  # sequences they can run at once
+    running: int  # requests decoding or prefilling
+    waiting: int  # requests queued for a sequence
+    kv_cells_used: int
+    kv_cells_total: int
+
+
+def load_of(table: ModelTable) -> Load:
+    parallel = running = waiting = used = total = 0
+    for instance in table.loaded():
         engine = instance.model.engine
         stats = engine.stats() if engine.ready else None
         if stats is None:
             continue
         parallel += engine.engine.scheduler.config.max_running
-        busy += stats.running + stats.waiting
+        running, waiting = running + stats.running, waiting + stats.waiting
         used, total = used + stats.cells_used, total + stats.n_ctx
-    if not parallel:
+    return Load(parallel, running, waiting, used, total)
+
+
+def problem_of(table: ModelTable) -> str | None:
+    """Why the box cannot serve (an engine died, a model failed to load); None: it can."""
+    for instance in table.loaded():
+        engine = instance.model.engine
+        if engine.failure is not None:
+            return f"{instance.model.model_id}: {engine.failure}"
+        if engine.load_error is not None:
+            return f"{instance.model.model_id}: {engine.load_error}"
+    for name, why in table.failures.items():
+        return f"{name}: {why}"
+    return None
+
+
+def agent_line(table: ModelTable, drain: Drain) -> str:
+    """What the agent answers now (without the newline)."""
+    if problem_of(table) is not None:
+        return "down"
+    swapping = any(s.problem and s.pending for s in table.slots())
+    if drain.draining or drain.maintenance or swapping:
+        return "drain"
+    load = load_of(table)
+    if not load.parallel:
         return "up 100%"
-    slots = max(0.0, 1 - busy / parallel)
-    kv = 1 - used / total if total else 1.0
+    slots = max(0.0, 1 - (load.running + load.waiting) / load.parallel)
+    kv = 1 - load.kv_cells_used / load.kv_cells_total if load.kv_cells_total else 1.0
     return f"up {max(1, round(100 * min(slots, kv)))}%"
 
 

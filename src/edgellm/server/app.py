@@ -155,7 +155,8 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """200 when a request can be taken now, with engine stats; 503 while a model that must be
     loaded at start is loading, when one failed, or while draining (shutting down). A served
-    name that loads on demand is ready when it is not loaded."""
+    name that loads on demand is ready when it is not loaded. In a maintenance drain it is
+    still 200, with `"maintenance": true`."""
     body: dict[str, Any] = {"models": {}}
     drain: Drain = request.app.state.drain
     status = "ready"
@@ -194,6 +195,8 @@ async def ready(request: Request) -> JSONResponse:
     keys: KeyRing = request.app.state.keys
     if keys.enforced and principal_of(request.scope) is None:
         body = {"status": status}  # engine statistics are for key holders
+    if drain.maintenance:  # still ready: a maintenance drain only turns the agent to drain
+        body["maintenance"] = True
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 

@@ -9,6 +9,12 @@ event) and waits a moment for them to write it. Only then is uvicorn told to exi
 
 In flight means: an inference request that passed the gate and whose answer is not yet all
 sent (embeddings and requests still being tokenized included).
+
+A maintenance drain (`Drain.maintenance`, set through POST /admin/drain while `edgellm fleet`
+swaps a worker's model) is the gentle kind: only the HAProxy agent says `drain`, so no new
+sessions arrive; whatever still comes (a session HAProxy keeps on this box, a client that
+bypasses it) is served, and /ready stays 200, saying `"maintenance": true`. It ends when it is
+turned off; the process does not stop.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Drain:
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
         self.began: float | None = None  # monotonic seconds; None: serving normally
+        self.maintenance = False  # the agent says drain; requests are still served
         self.in_flight = 0
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()

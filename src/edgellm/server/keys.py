@@ -107,6 +107,17 @@ class KeyRing:
         self.active = 0  # stored keys that are neither revoked nor expired
         self.refresh(force=True)
 
+    @property
+    def store(self) -> KeyStore | None:
+        """Where stored keys live (the admin API writes keys there, then refreshes)."""
+        return self._store
+
+    def reload(self) -> None:
+        """Read the keys again now: after a write through `store` itself, which SQLite's
+        data_version (what `refresh` looks at) does not count, being this connection's own."""
+        self._version = None
+        self.refresh(force=True)
+
     def describe(self) -> str:
         """One line for the log: whether auth is enforced, and by which keys."""
         if not self.enforced:
