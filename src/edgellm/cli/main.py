@@ -12,6 +12,7 @@ from edgellm.cli import (
     bench,
     chat_command,
     compress,
+    fleet_command,
     gateway_command,
     keys_command,
     models_command,
@@ -53,6 +54,7 @@ app.command(name="eval")(compress.evaluate)
 app.command()(plan.plan)
 app.add_typer(keys_command.app)
 app.add_typer(gateway_command.app)
+app.add_typer(fleet_command.app)
 app.add_typer(models_command.app)
 app.add_typer(tls_command.app)
 app.add_typer(audit_command.app)
