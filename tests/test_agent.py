@@ -33,13 +33,13 @@ async def test_the_agent_answers_free_capacity_drain_and_down() -> None:
     runner = TextRunner(n_ctx=2048, seq_cells=512, eos_at=None)
     runner.step_s = 0.05
     async with scripted_server(ServerSettings(agent_port=port), runner=runner, parallel=4) as srv:
-        assert await ask(port) == "up 100%\n"
+        assert await ask(port) == "up ready 100%\n"
         busy = [asyncio.create_task(srv.chat(max_tokens=60)) for _ in range(3)]
         await asyncio.sleep(0.5)  # three of four sequences running
-        assert await ask(port) == "up 25%\n"
+        assert await ask(port) == "up ready 25%\n"
         more = [asyncio.create_task(srv.chat(max_tokens=60)) for _ in range(3)]
         await asyncio.sleep(0.3)  # a queue: no slot free, a trickle still allowed
-        assert await ask(port) == "up 1%\n"
+        assert await ask(port) == "up ready 1%\n"
         await asyncio.gather(*busy, *more)
         drain: Drain = srv.app.state.drain
         drain.begin()

@@ -67,6 +67,7 @@ def test_every_generated_config_passes_haproxy_check(tmp_path: Path, extra: list
         (["--worker", "http://x:1", "--affinity", "sticky"], "session or none"),
         (["--worker", "http://x:1", "--worker", "http://x:1"], "twice"),
         (["--worker", "http://x:1", "--check-interval", "soon"], "check_interval"),
+        (["--worker", "http://x:1", "-o", "/nonexistent/dir/haproxy.cfg"], "cannot write"),
     ],
 )
 def test_bad_gateway_input_is_one_line(args: list[str], says: str) -> None:

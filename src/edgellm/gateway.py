@@ -6,7 +6,7 @@ traffic:
 - health: an HTTP check of `/ready` (200 only when the box can take a request now) every
   `check_interval`, a worker out after `fall` failures and back after `rise` successes, and,
   with `agent_port`, HAProxy's agent check, by which each worker reports its free capacity as
-  a weight (`up NN%`) or asks to be drained (`drain`, while it shuts down or swaps);
+  a weight (`up ready NN%`) or asks to be drained (`drain`, while it shuts down or swaps);
 - affinity: a request with a key is balanced on a consistent hash of it, so a conversation
   keeps landing on the box whose prefix cache holds it (and adding or losing a box moves only
   its share of keys); a request without one goes to the box with the fewest connections. The
@@ -14,8 +14,10 @@ traffic:
   its cache;
 - streams: long client and server timeouts (a reasoning model can think for minutes), no
   compression, so server-sent events pass as they are written;
-- retries only for requests that never reached a worker (a refused or failed connection),
-  never for one a worker began to answer: a generation is not idempotent;
+- retries only for requests whose client has received nothing (a refused or failed connection,
+  a connection closed without a response, or a 503, edgellm's answer when it cannot take a
+  request now: draining, queue full, not loaded), never for a stream a worker began: a
+  generation is not idempotent;
 - the stats socket for the runtime API (weights, drain without a reload) and a Prometheus
   endpoint (HAProxy's built-in exporter) on the stats port.
 """
@@ -117,13 +119,19 @@ def render(config: GatewayConfig) -> str:
         "    timeout server 10m",
         "    timeout http-request 30s",
         "    timeout http-keep-alive 60s",
-        "    # retry only requests that never reached a worker (a refused or failed",
-        "    # connection), on another worker; a generation a worker began is never repeated",
+        "    # retry, on another worker, only requests whose client has received nothing: a",
+        "    # refused or failed connection, a connection closed with no response at all (a",
+        "    # worker that died as the request arrived), and a 503 (edgellm's answer when it",
+        "    # cannot take a request now: draining, queue full, model not loaded or over its",
+        "    # memory budget). A stream a worker began is never repeated; a body over",
+        "    # tune.bufsize is not retried",
         "    # a worker whose name does not resolve yet starts as down instead of stopping",
         "    # HAProxy: the rest of the fleet serves",
         "    default-server init-addr last,libc,none",
+        "    # L7 retries need the whole request in HAProxy's buffer before it is sent on",
+        "    option http-buffer-request",
         "    retries 2",
-        "    retry-on conn-failure",
+        "    retry-on conn-failure empty-response 503",
         "    option redispatch 1",
         "",
         "frontend edgellm",
@@ -131,6 +139,8 @@ def render(config: GatewayConfig) -> str:
         "    # server-sent events and NDJSON streams pass through as written: no compression,",
         "    # no buffering of responses (HAProxy forwards each chunk as it arrives)",
         "    option http-no-delay",
+        "    # which worker answered, for logs and debugging (the server line's name)",
+        "    http-response set-header X-Edgellm-Worker %s",
     ]
     if config.affinity == "session":
         lines += [
@@ -157,7 +167,7 @@ def render(config: GatewayConfig) -> str:
                 health = f" check inter {inter} fall {config.fall} rise {config.rise}{agent}"
             else:  # the same health as the first backend's, not checked twice
                 health = f" track {track}/{w.name}"
-            # weight 100: an agent's 'up NN%' is a share of it, so NN maps one to one
+            # weight 100: an agent's 'up ready NN%' is a share of it, so NN maps one to one
             out.append(f"    server {w.name} {w.host}:{w.port} weight 100{tls}{health}")
         return out
 
@@ -171,8 +181,8 @@ def render(config: GatewayConfig) -> str:
         health.append("    # no agent check (give --agent-port to the workers and to this command)")
     else:
         health.append(
-            f"    # agent check on port {config.agent_port}: 'up NN%' sets the weight from the "
-            "worker's free capacity, 'drain' takes no new sessions, 'down' is out"
+            f"    # agent check on port {config.agent_port}: 'up ready NN%' sets the weight from "
+            "the worker's free capacity, 'drain' takes no new sessions, 'down' is out"
         )
     lines += [
         "backend edgellm_workers",

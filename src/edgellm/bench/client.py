@@ -32,7 +32,11 @@ class _StreamFailed(Exception):
 
 
 async def send(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], record: RequestRecord
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    record: RequestRecord,
+    headers: dict[str, str] | None = None,
 ) -> Reply:
     """POST `body` with streaming on and fill `record`; `record.start` is the level-relative
     send time, set by the caller."""
@@ -40,7 +44,7 @@ async def send(
     pieces: list[str] = []
     stamps: list[float] = []
     try:
-        async with client.stream("POST", url, json=body) as response:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
                 raise _StreamFailed(f"http_{response.status_code}", _error_message(response))

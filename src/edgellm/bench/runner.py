@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -103,6 +104,7 @@ class _Level:
         self.on_record = on_record
         self.records: list[RequestRecord] = []
         self.started = time.perf_counter()
+        self.run_id = secrets.token_hex(4)  # one run's conversations are not another's
         self._gate = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
 
     async def run(self, conversations: list[Conversation]) -> None:
@@ -125,6 +127,9 @@ class _Level:
 
     async def _turns(self, cid: int, conversation: Conversation) -> None:
         multi = len(conversation.max_tokens) > 1
+        # a conversation names itself as chat clients do, so a load balancer with session
+        # affinity (edgellm gateway haproxy) keeps it on one box, and a canary keeps it sticky
+        session = {"X-Session-Id": f"bench-{self.run_id}-{cid}"} if multi else None
         messages: list[dict[str, str]] = []
         if conversation.system is not None:
             messages.append({"role": "system", "content": conversation.system})
@@ -136,7 +141,7 @@ class _Level:
                 messages.append({"role": "user", "content": conversation.user_turns[turn]})
                 body = {**self._base_body(max_tokens), "messages": list(messages)}
             reply = await send(
-                self.client, f"{self.cfg.url}/{self.workload.endpoint}", body, record
+                self.client, f"{self.cfg.url}/{self.workload.endpoint}", body, record, session
             )
             self.on_record(record)
             if not record.ok:

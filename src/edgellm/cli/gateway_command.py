@@ -76,6 +76,10 @@ def haproxy(
         sys.stdout.write(text)
         return
     temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(out)  # never half a file
+    try:
+        temporary.write_text(text)
+        temporary.replace(out)  # never half a file
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ValidationError(f"-o {out}: cannot write it: {exc.strerror}", param="out") from None
     err.print(f"wrote {out} ({len(config.workers)} workers); check it: haproxy -c -f {out}")

@@ -2,10 +2,11 @@
 this answers one line and closes. The line says how much of the box is free, so HAProxy's
 weights follow load rather than guess it:
 
-    up NN%   serving; NN is the free capacity (below)
-    drain    shutting down, in a maintenance drain (`edgellm fleet` swapping this worker), or a
-             hot swap is retiring a version to make room: no new sessions
-    down     an engine stopped after an internal error, or a model failed to load
+    up ready NN%   serving; NN is the free capacity (below). `ready` ends a drain HAProxy
+                   took from an earlier answer: without it a server once drained stays so
+    drain          shutting down, in a maintenance drain (`edgellm fleet` swapping this
+                   worker), or a hot swap is retiring a version to make room: no new sessions
+    down           an engine stopped after an internal error, or a model failed to load
 
 Free capacity, over the loaded engines (a box with nothing loaded is all free):
 
@@ -76,10 +77,10 @@ def agent_line(table: ModelTable, drain: Drain) -> str:
         return "drain"
     load = load_of(table)
     if not load.parallel:
-        return "up 100%"
+        return "up ready 100%"
     slots = max(0.0, 1 - (load.running + load.waiting) / load.parallel)
     kv = 1 - load.kv_cells_used / load.kv_cells_total if load.kv_cells_total else 1.0
-    return f"up {max(1, round(100 * min(slots, kv)))}%"
+    return f"up ready {max(1, round(100 * min(slots, kv)))}%"
 
 
 class AgentServer:
