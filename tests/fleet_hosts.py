@@ -378,14 +378,17 @@ def throttled(pid: int, share: float) -> Iterator[None]:
         (group / "cpu.cfs_quota_us").write_text(str(int(period * share)))
     else:
         (group / "cpu.max").write_text(f"{int(period * share)} {period}")
-    tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    for tid in tasks:
-        (group / ("tasks" if v1.is_dir() else "cgroup.procs")).write_text(str(tid))
+    members = "tasks" if v1.is_dir() else "cgroup.procs"
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        (group / members).write_text(tid)
     try:
         yield
-    finally:
-        parent = group.parent
-        for tid in tasks:
-            with contextlib.suppress(OSError):  # the thread ended
-                (parent / ("tasks" if v1.is_dir() else "cgroup.procs")).write_text(str(tid))
+    finally:  # every thread back, those made while throttled too, then the group goes
+        for _ in range(10):
+            left = (group / members).read_text().split()
+            if not left:
+                break
+            for tid in left:
+                with contextlib.suppress(OSError):  # the thread ended
+                    (group.parent / members).write_text(tid)
         group.rmdir()

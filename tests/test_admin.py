@@ -229,3 +229,22 @@ async def test_a_server_of_model_files_refuses_registry_operations() -> None:
         assert unload.status_code == 400 and "static model" in unload.json()["error"]["message"]
         assert (await srv.client.post("/admin/models/nosuch/load")).status_code == 404
         assert (await srv.chat()).status_code == 200  # still serving
+
+
+async def test_with_auth_off_no_key_can_be_planted_and_nothing_pulled(tmp_path: Path) -> None:
+    """A server with no key at all: storing the first key would turn auth on for whoever
+    stored it, and a pull makes the server fetch any URL; both want an admin key."""
+    store = KeyStore.open(tmp_path / "keys.db")
+    body = {"name": "mallory", "role": "admin", "prefix": "edg-abcdefgh", "sha256": "00" * 32}
+    try:
+        async with scripted_server(keys=store) as srv:
+            planted = await srv.client.post("/admin/keys", json=body)
+            pulled = await srv.client.post(
+                "/admin/models/pull", json={"source": "http://127.0.0.1:9/m.gguf", "name": "m"}
+            )
+        assert store.all_keys() == []
+    finally:
+        store.close()
+    for r in (planted, pulled):
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "auth_off"

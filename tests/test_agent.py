@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from edgellm.server import agent
 from edgellm.server.drain import Drain
 from edgellm.settings import ServerSettings
 from tests.conftest import free_port
@@ -48,3 +49,23 @@ async def test_the_agent_answers_free_capacity_drain_and_down() -> None:
         runner.fail_with = RuntimeError("boom")
         await srv.chat()
         assert await ask(port) == "down\n"
+
+
+async def test_ready_is_said_after_a_start_or_a_drain_and_not_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ready` ends a drain HAProxy holds from an earlier answer (a restart, a maintenance
+    drain); said always, it would also end every drain an operator sets on HAProxy."""
+    monkeypatch.setattr(agent, "READY_S", 0.3)
+    port = free_port()
+    async with scripted_server(ServerSettings(agent_port=port), parallel=4) as srv:
+        assert await ask(port) == "up ready 100%\n"  # just started
+        await asyncio.sleep(0.4)
+        assert await ask(port) == "up 100%\n"
+        drain: Drain = srv.app.state.drain
+        drain.begin()
+        assert await ask(port) == "drain\n"
+        drain.began = None
+        assert await ask(port) == "up ready 100%\n"  # HAProxy hears the drain is over
+        await asyncio.sleep(0.4)
+        assert await ask(port) == "up 100%\n"

@@ -212,7 +212,7 @@ def test_status_is_a_table_and_json_and_names_the_worker_that_does_not_answer(
         assert r.status_code == 200 and r.json() == {"maintenance": True}
         ready = httpx.get(fleet.boxes[1].url + "/ready", headers={"Authorization": f"Bearer {KEY}"})
         assert ready.status_code == 200 and ready.json()["maintenance"] is True
-        assert fleet.boxes[1].agent() == "drain" and fleet.boxes[0].agent() == "up ready 100%"
+        assert fleet.boxes[1].agent() == "drain" and fleet.boxes[0].agent() == "up 100%"
 
         table = fleet.run("status")
         assert table.exit_code == 0, table.stderr
@@ -265,6 +265,14 @@ def test_one_key_works_on_every_worker_is_stored_only_as_a_hash_and_revokes_ever
         assert "exists already" in one_line_error(again)
         assert fleet.boxes[0].url in again.stderr
 
+        # a name taken on one worker only: refused before anything is stored anywhere
+        fleet.boxes[2].store.create(KeySpec(name="bob", role="user"))
+        taken = fleet.run("keys", "create", "bob", "--role", "user")
+        line = one_line_error(taken)
+        assert fleet.boxes[2].url in line and "nothing was stored" in line
+        for box in fleet.boxes[:2]:
+            assert "bob" not in {k.name for k in box.store.all_keys()}
+
         revoked = fleet.run("keys", "revoke", "alice")
         assert revoked.exit_code == 0, revoked.stderr
         assert revoked.stderr.count("revoked since") == 3
@@ -299,7 +307,7 @@ def test_a_rolling_promote_goes_worker_by_worker_drained_while_it_swaps(tmp_path
                 assert agents[n] == "drain"
                 assert all(a.startswith("up") for i, a in enumerate(agents) if i != n)
         for box in fleet.boxes:
-            assert box.target() == v2 and box.agent() == "up ready 100%"
+            assert box.target() == v2 and box.agent() == "up 100%"
             assert box.chat().headers["x-edgellm-model-version"] == v2
         lines = done.stderr.splitlines()
         assert f"[1/3] {fleet.boxes[0].url}: promote m:prod: {v1} -> {v2}" in lines

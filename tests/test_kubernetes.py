@@ -160,7 +160,7 @@ def pod(monkeypatch: pytest.MonkeyPatch) -> Pod:
         if name.startswith("EDGELLM_") and name != "EDGELLM_HOME":
             monkeypatch.delenv(name)
     for name, value in env.items():
-        if name != "EDGELLM_HOME":  # the tests' own data directory stays
+        if name not in ("EDGELLM_HOME", "HOME"):  # the tests' own data directory stays
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("EDGELLM_CONFIG", str(config_file(spec, container, env["EDGELLM_CONFIG"])))
     assert container["command"] == ["edgellm"] and container["args"][0] == "serve"

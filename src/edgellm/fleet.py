@@ -13,14 +13,15 @@ while it swaps:
                 healthy      /admin/models shows the new version loaded and serving (the
                              canary's candidate set, or gone) and /ready answers 200
                 drain off    POST /admin/drain: back in the rotation
-                then the next worker
+                then, after `settle` again (so two workers are never out at once), the next
 
 A step that fails stops the rollout: the failed worker's drain is turned off again (it still
 serves whatever it served: a failed promote leaves the old version, a failed swap in place the
 old version reloaded), and the report names the failed worker and step, the workers done (at
 which version) and those not touched. Nothing is undone on the workers done: run the same
-command again once the cause is fixed (a worker done refuses to move a tag where it already
-points, and is said so), or roll back.
+promote or canary again once the cause is fixed (a worker already there is skipped, and its
+drain turned off if a stopped run left it on), or roll back. A rollback is not idempotent
+(again goes further back): continue one with a workers file of those not touched.
 """
 
 from __future__ import annotations
@@ -264,7 +265,8 @@ def resolve(workers: list[Worker], operation: Operation) -> list[dict[str, Any]]
     failed = [a.message for a in answers if isinstance(a, WorkerError)]
     found = [a for a in answers if not isinstance(a, WorkerError)]
     failed += [f"{w.url}: {operation.ref} has no canary running: say which version with --to"
-               for w, a in zip(workers, found, strict=False) if a.get("to") is None]  # fmt: skip
+               for w, a in zip(workers, answers, strict=True)
+               if not isinstance(a, WorkerError) and a.get("to") is None]  # fmt: skip
     if failed:
         raise FleetError("; ".join(failed) + ": nothing was changed")
     versions: dict[str, list[str]] = {}
@@ -406,6 +408,7 @@ def roll(
     name, entries = preflight(workers, operation.ref)
     resolved = resolve(workers, operation)
     report = Report(operation.verb, operation.ref, [Outcome(w.url) for w in workers])
+    moved = False
     for n, (worker, outcome) in enumerate(zip(workers, report.workers, strict=True), 1):
 
         def said(text: str, n: int = n, worker: Worker = worker) -> None:
@@ -416,11 +419,21 @@ def roll(
             outcome.state = "skipped"
             outcome.version = mine["to"] if mine is not None else entries[n - 1].get("version")
             said(f"{operation.verb} {operation.ref}: there already ({outcome.version}), skipped")
+            if entries[n - 1].get("maintenance"):  # left drained by a run that stopped
+                outcome.drain_off = _undrain(worker)
+                said("maintenance drain off (left on by an earlier run)")
             continue
+        if moved and settle_s:
+            # the last worker is back in HAProxy's rotation before this one leaves it: with
+            # two workers, both could otherwise be out for an agent interval
+            sleep(settle_s)
+        moved = True
 
         step = "drain on"
+        drained = False
         try:
             worker.post("/admin/drain", {"on": True})
+            drained = True
             said("maintenance drain on (the agent answers drain)")
             step = "settle"
             sleep(settle_s)
@@ -435,13 +448,15 @@ def roll(
             step = "drain off"
             worker.post("/admin/drain", {"on": False})
             said("maintenance drain off")
-        except (WorkerError, KeyboardInterrupt) as exc:
+        except (Exception, KeyboardInterrupt) as exc:  # whatever stopped it: not left drained
             outcome.state, outcome.step = "failed", step
             if isinstance(exc, WorkerError):
                 outcome.error, outcome.code = exc.message, exc.code
-            else:
+            elif isinstance(exc, KeyboardInterrupt):
                 outcome.error = "interrupted"
-            outcome.drain_off = _undrain(worker)
+            else:  # an answer this version does not understand (another edgellm version?)
+                outcome.error = f"{worker.url}: unexpected answer ({type(exc).__name__}: {exc})"
+            outcome.drain_off = _undrain(worker) if drained else None
             break
         outcome.state = "done"
     return report
@@ -476,13 +491,12 @@ def _healthy(
     loaded (a load is asked for once if it is not: the worker takes traffic warm) and /ready
     answers 200. Returns the version it serves (a canary's: its candidate)."""
     deadline = time.monotonic() + timeout_s
-    asked_load = seen_loading = False
+    asked_load = False
     last = "nothing yet"
     while True:
         entry = worker.get("/admin/models").get("models", {}).get(name)
         if entry is None:
             raise WorkerError(f"{worker.url} no longer serves {name}")
-        seen_loading = seen_loading or entry.get("loading_version") == expected
         if operation.shows(expected, entry):
             if operation.kind == "move" and not entry.get("loaded"):
                 if not asked_load:
@@ -495,8 +509,10 @@ def _healthy(
                 if status == 200:
                     return expected or str(entry.get("version"))
                 last = f"/ready {status} ({body.get('status')})"
-        elif seen_loading and "loading_version" not in entry and entry.get("problem"):
-            raise WorkerError(f"{worker.url}: {name}: {entry['problem']}")  # the swap failed
+        elif "loading_version" not in entry and entry.get("problem"):
+            # the swap failed: the old version serves on, with the reason (at once, or after
+            # the load was seen under way)
+            raise WorkerError(f"{worker.url}: {name}: {entry['problem']}")
         else:
             last = f"{name} at {entry.get('version')}"
             if "loading_version" in entry:

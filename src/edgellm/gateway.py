@@ -6,7 +6,7 @@ traffic:
 - health: an HTTP check of `/ready` (200 only when the box can take a request now) every
   `check_interval`, a worker out after `fall` failures and back after `rise` successes, and,
   with `agent_port`, HAProxy's agent check, by which each worker reports its free capacity as
-  a weight (`up ready NN%`) or asks to be drained (`drain`, while it shuts down or swaps);
+  a weight (`up NN%`) or asks to be drained (`drain`, while it shuts down or swaps);
 - affinity: a request with a key is balanced on a consistent hash of it, so a conversation
   keeps landing on the box whose prefix cache holds it (and adding or losing a box moves only
   its share of keys); a request without one goes to the box with the fewest connections. The
@@ -24,7 +24,6 @@ traffic:
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,6 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from edgellm.errors import ValidationError
-
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +53,7 @@ class GatewayConfig:
     tls_cert: Path | None = None
     stats_bind: str = "127.0.0.1:8404"
     stats_socket: Path = Path("/run/haproxy/edgellm.sock")
-    max_connections: int = 4096
+    max_connections: int = 2048
     command: list[str] = field(default_factory=list)  # how it was made, for the header
 
 
@@ -72,7 +69,7 @@ def parse_worker(url: str, index: int) -> Worker:
     if parts.path not in ("", "/"):
         raise ValidationError(f"--worker {url}: no path; the API is at the root", param="worker")
     host = parts.hostname
-    name = _NAME.sub("_", f"w{index + 1}_{host}_{port}")
+    name = f"w{index + 1}"  # short: it is also the X-Edgellm-Worker clients see, not the address
     return Worker(name, f"[{host}]" if ":" in host else host, port, parts.scheme == "https")
 
 
@@ -99,11 +96,17 @@ def render(config: GatewayConfig) -> str:
     lines = [
         "# HAProxy configuration for an edgellm fleet, written by:",
         f"#   {shlex.join(config.command) if config.command else 'edgellm gateway haproxy'}",
-        "# Check it with `haproxy -c -f FILE`; reload HAProxy to apply it. Weights and drains",
-        "# change at run time through the stats socket, without a reload.",
+        "# Check it with `haproxy -c -f FILE`; reload HAProxy to apply it. Weights and states",
+        "# change at run time through the stats socket, without a reload; to take a worker out",
+        "# by hand, `disable agent BACKEND/SERVER` first (its agent's `ready` would undo it) or",
+        "# POST /admin/drain to the worker.",
         "",
         "global",
         f"    maxconn {config.max_connections}",
+        "    # a request is retried only if it fits a buffer (option http-buffer-request below):",
+        "    # 64 KiB holds a prompt of some 16k tokens; HAProxy's buffers are taken per",
+        "    # connection as needed, at most 2 x 64 KiB x maxconn (256 MiB)",
+        "    tune.bufsize 65536",
         "    log stdout format raw local0 info",
         "    # the runtime API: `echo 'show servers state' | socat stdio UNIX:SOCKET`",
         f"    stats socket {config.stats_socket} mode 600 level admin",
@@ -156,18 +159,20 @@ def render(config: GatewayConfig) -> str:
 
     def server_lines(track: str | None) -> list[str]:
         out = []
+        agent = (
+            f" agent-check agent-port {config.agent_port} agent-inter 2s"
+            if config.agent_port is not None
+            else ""
+        )
         for w in config.workers:
             tls = " ssl verify none" if w.tls else ""
             if track is None:
-                agent = (
-                    f" agent-check agent-port {config.agent_port} agent-inter 2s"
-                    if config.agent_port is not None
-                    else ""
-                )
                 health = f" check inter {inter} fall {config.fall} rise {config.rise}{agent}"
-            else:  # the same health as the first backend's, not checked twice
+            else:  # the same health and drain as the first backend's, not checked twice;
+                # not its weights: a weight change moves keys round the ring, and with them
+                # conversations away from their caches (bounded loads guard this backend)
                 health = f" track {track}/{w.name}"
-            # weight 100: an agent's 'up ready NN%' is a share of it, so NN maps one to one
+            # weight 100: an agent's 'up NN%' is a share of it, so NN maps one to one
             out.append(f"    server {w.name} {w.host}:{w.port} weight 100{tls}{health}")
         return out
 
@@ -181,8 +186,8 @@ def render(config: GatewayConfig) -> str:
         health.append("    # no agent check (give --agent-port to the workers and to this command)")
     else:
         health.append(
-            f"    # agent check on port {config.agent_port}: 'up ready NN%' sets the weight from "
-            "the worker's free capacity, 'drain' takes no new sessions, 'down' is out"
+            f"    # agent check on port {config.agent_port}: 'up NN%' sets the weight from the "
+            "worker's free capacity, 'drain' takes no new sessions, 'down' is out"
         )
     lines += [
         "backend edgellm_workers",
@@ -197,6 +202,10 @@ def render(config: GatewayConfig) -> str:
             "    # a consistent hash of the key: losing or adding a box moves only its keys",
             "    balance hash var(txn.affinity)",
             "    hash-type consistent",
+            "    # bounded loads: a box takes at most 150% of the average connections; past",
+            "    # that its keys go on round the ring (one busy conversation key, or one API key",
+            "    # shared by a whole app, cannot pile everything on one box)",
+            "    hash-balance-factor 150",
             *server_lines("edgellm_workers"),
             "",
         ]

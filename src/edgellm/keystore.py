@@ -241,6 +241,14 @@ class KeyStore:
             raise UnknownKey(f"there is no key named '{name}'", param="name")
         return info
 
+    def find(self, name: str) -> KeyInfo:
+        """The key `name` (revoked or expired ones too); UnknownKey if there is none."""
+        with self._lock:
+            info = self._row(name)
+        if info is None:
+            raise UnknownKey(f"there is no key named '{name}'", param="name")
+        return info
+
     def digests(self) -> list[tuple[bytes, KeyInfo]]:
         """Every key's SHA-256 with its row: what the server looks keys up in."""
         with self._lock:

@@ -343,8 +343,7 @@ class ServerSettings(_LayerSettings):
         ge=1,
         le=65535,
         description="Answer HAProxy's agent check on this port (same address as --host): "
-        "'up ready NN%' with the free capacity, 'drain' while draining, 'down' when an engine "
-        "died.",
+        "'up NN%' with the free capacity, 'drain' while draining, 'down' when an engine died.",
         json_schema_extra={"shown_default": "off"},
     )
     prefix_cache_scope: Literal["key", "global"] = Field(

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import typer
 from rich.markup import escape
@@ -227,6 +228,7 @@ def keys_create(
     stored: list[str] = []
     with _workers(ctx) as workers:
         reachable(workers)
+        _name_free_everywhere(workers, name)
         for worker in workers:
             try:
                 info = worker.post("/admin/keys", body)
@@ -237,13 +239,30 @@ def keys_create(
                     said += f" (revoke it there: keys revoke {name})"
                 raise FleetError(f"{said}; not tried: {', '.join(left) or 'none'}") from None
             stored.append(worker.url)
-            err.print(f"{escape(worker.url)}: stored '{escape(name)}' ({info['prefix']}...)")
+            err.print(f"{escape(worker.url)}: stored '{escape(name)}' ({info.get('prefix')}...)")
     if as_json:
         typer.echo(json.dumps({"key": key, **info, "workers": stored}))
     else:
         typer.echo(key)
     err.print(f"[yellow]warning:[/yellow] this is the only time the key '{escape(name)}' is "
               f"shown: store it now (the {len(stored)} workers keep only its hash)")  # fmt: skip
+
+
+def _name_free_everywhere(workers: list[Any], name: str) -> None:
+    """Before anything is stored: every worker keeps keys and has none named `name` (a key
+    stored on some workers only is of no use: its secret is shown once, after all took it)."""
+    from edgellm.fleet import FleetError, WorkerError, each
+
+    def ask(worker: Any) -> str | None:
+        try:
+            worker.get(f"/admin/keys/{quote(name, safe='')}")
+        except WorkerError as exc:
+            return None if exc.status == 404 else exc.message
+        return f"{worker.url}: a key named '{name}' exists already (names are never reused)"
+
+    found = [said for said in each(workers, ask) if said is not None]
+    if found:
+        raise FleetError("; ".join(str(s) for s in found) + ": nothing was stored")
 
 
 @keys_app.command("revoke")
@@ -259,14 +278,14 @@ def keys_revoke(
     from edgellm.fleet import FleetError, WorkerError, each
 
     with _workers(ctx) as workers:
-        answers = each(workers, lambda w: w.post(f"/admin/keys/{name}/revoke"))
+        answers = each(workers, lambda w: w.post(f"/admin/keys/{quote(name, safe='')}/revoke"))
     failed = []
     for worker, answer in zip(workers, answers, strict=True):
         if isinstance(answer, WorkerError):
             failed.append(answer.message)
         else:
             err.print(f"{escape(worker.url)}: '{escape(name)}' revoked since "
-                      f"{answer['revoked_at']}")  # fmt: skip
+                      f"{answer.get('revoked_at')}")  # fmt: skip
     if failed:
         raise FleetError(f"not revoked on {len(failed)} of {len(workers)} workers: "
                          + "; ".join(failed))  # fmt: skip

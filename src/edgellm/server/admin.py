@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from edgellm import __version__
-from edgellm.errors import EdgeLLMError, ModelFileError, ValidationError
+from edgellm.errors import EdgeLLMError, Forbidden, ModelFileError, ValidationError
 from edgellm.keystore import PREFIX_PATTERN, KeySpec, KeyStore
 from edgellm.server.agent import load_of, problem_of
 from edgellm.server.keys import KeyRing, principal_of
@@ -326,10 +326,21 @@ async def maintenance(body: DrainBody, request: Request) -> dict[str, Any]:
 @router.post("/keys", response_model=KeyOut)
 async def store_key(body: StoredKeyBody, request: Request) -> dict[str, Any]:
     """Store a key made elsewhere, from its prefix and SHA-256; it works at once. 409 if a key
-    of that name exists (revoked ones included)."""
+    of that name exists (revoked ones included). Refused on a server with auth off: the first
+    stored key would turn auth on, locking out everyone but whoever stored it."""
+    _admin_only(request, "store a key")
     ring, store = _keys(request)
     info = await asyncio.to_thread(store.add_hashed, body, body.prefix, bytes.fromhex(body.sha256))
     ring.reload()
+    return info.as_json()
+
+
+@router.get("/keys/{name}", response_model=KeyOut)
+async def find_key(name: str, request: Request) -> dict[str, Any]:
+    """A stored key's record (never its secret): 404 if there is none of that name, so
+    `edgellm fleet keys create` can see a name is free on every worker before storing it."""
+    _, store = _keys(request)
+    info = await asyncio.to_thread(store.find, name)
     return info.as_json()
 
 
@@ -349,6 +360,7 @@ async def pull(body: PullBody, request: Request) -> dict[str, Any]:
     from edgellm.registry.pull import DownloadError
     from edgellm.registry.pull import pull as do_pull
 
+    _admin_only(request, "pull a model")  # a server that fetches any URL for anyone: no
     table = _registry_table(request)
     notices: list[str] = []
 
@@ -364,6 +376,16 @@ async def pull(body: PullBody, request: Request) -> dict[str, Any]:
         return await asyncio.to_thread(run)
     except (DownloadError, ModelFileError) as exc:
         raise PullFailed(f"the pull failed: {exc.message}", code="pull_failed") from None
+
+
+def _admin_only(request: Request, what: str) -> None:
+    """Refuse `what` when the server has auth off (no --api-key, no stored key)."""
+    if principal_of(request.scope) is None:
+        raise Forbidden(
+            f"this server has auth off: {what} only with an admin key (serve with --api-key, "
+            "or make one with `edgellm keys create --role admin` beside it)",
+            code="auth_off",
+        )
 
 
 def _actor(request: Request) -> str | None:

@@ -2,8 +2,11 @@
 this answers one line and closes. The line says how much of the box is free, so HAProxy's
 weights follow load rather than guess it:
 
-    up ready NN%   serving; NN is the free capacity (below). `ready` ends a drain HAProxy
-                   took from an earlier answer: without it a server once drained stays so
+    up NN%         serving; NN is the free capacity (below). For READY_S after the agent
+                   starts and after its last `drain` or `down`, `up ready NN%`: HAProxy keeps
+                   an agent's drain until it hears `ready`, so without it a worker once
+                   drained would stay so. Only then: `ready` also ends a drain an operator set
+                   on HAProxy's stats socket, which therefore holds at any other time
     drain          shutting down, in a maintenance drain (`edgellm fleet` swapping this
                    worker), or a hot swap is retiring a version to make room: no new sessions
     down           an engine stopped after an internal error, or a model failed to load
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from edgellm.server.drain import Drain
@@ -77,10 +81,13 @@ def agent_line(table: ModelTable, drain: Drain) -> str:
         return "drain"
     load = load_of(table)
     if not load.parallel:
-        return "up ready 100%"
+        return "up 100%"
     slots = max(0.0, 1 - (load.running + load.waiting) / load.parallel)
     kv = 1 - load.kv_cells_used / load.kv_cells_total if load.kv_cells_total else 1.0
-    return f"up ready {max(1, round(100 * min(slots, kv)))}%"
+    return f"up {max(1, round(100 * min(slots, kv)))}%"
+
+
+READY_S = 30.0  # HAProxy asks every 2 s: 15 chances to hear `ready`
 
 
 class AgentServer:
@@ -90,6 +97,18 @@ class AgentServer:
         self.table, self.drain = table, drain
         self.host, self.port = host, port
         self._server: asyncio.Server | None = None
+        # a drain HAProxy still holds from this worker's previous process ends at start
+        self._ready_until = time.monotonic() + READY_S
+
+    def line(self) -> str:
+        """The answer now, `ready` added while a drain of ours may still hold in HAProxy."""
+        line = agent_line(self.table, self.drain)
+        now = time.monotonic()
+        if not line.startswith("up"):
+            self._ready_until = now + READY_S
+        elif now < self._ready_until:
+            line = "up ready" + line[2:]
+        return line
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._answer, self.host, self.port)
@@ -97,7 +116,7 @@ class AgentServer:
 
     async def _answer(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
-            writer.write((agent_line(self.table, self.drain) + "\n").encode())
+            writer.write((self.line() + "\n").encode())
             await writer.drain()
         writer.close()
         with contextlib.suppress(OSError):
