@@ -8,7 +8,7 @@ implementation (and with it `llama_cpp`) when called.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 __all__ = [
     "ActivationSums",
     "Backend",
+    "BlockCosines",
     "json_schema_grammar",
     "load_backend",
+    "load_hidden_scorer",
     "load_scorer",
     "quantize_file",
 ]
@@ -49,6 +51,19 @@ class ActivationSums:
     counts: dict[str, int] = field(default_factory=dict)  # weight name -> activation rows summed
 
 
+@dataclass(slots=True)
+class BlockCosines:
+    """What a hidden-state scorer adds up as it decodes: for each block i, the cosine of the
+    hidden state entering it (block 0: the token embeddings) and the one leaving it, summed over
+    tokens. One minus their mean is the block's influence (ShortGPT)."""
+
+    sums: dict[int, float] = field(default_factory=dict)  # block -> sum over tokens of the cosine
+    tokens: dict[int, int] = field(default_factory=dict)  # block -> tokens summed
+    # raised inside llama.cpp's callback (Ctrl-C lands there most of the time): ctypes would
+    # print and drop it, so the collector keeps it here and stops the graph; the caller raises
+    error: BaseException | None = None
+
+
 def load_backend(path: Path, settings: EngineSettings) -> Backend:
     """The llama.cpp runner, tokenizer and embedder factory for the GGUF at `path`. Raises
     ModelFileError (a file llama.cpp refuses), EngineError (no context of that size)."""
@@ -68,6 +83,15 @@ def load_scorer(
     return LlamaCppScorer(path, n_ctx, threads, imatrix)
 
 
+def load_hidden_scorer(path: Path, n_ctx: int, threads: int, cosines: BlockCosines) -> Scorer:
+    """A scorer like `load_scorer`'s whose every decode adds each block's input/output cosine
+    per token to `cosines`. Ask `window_logits` for every position (first=0): llama.cpp keeps
+    only the output rows in the last block. Close it when done."""
+    from edgellm.backends.llama_cpp.hidden import HiddenStateScorer
+
+    return HiddenStateScorer(path, n_ctx, threads, cosines)
+
+
 def quantize_file(
     source: Path,
     dest: Path,
@@ -76,11 +100,22 @@ def quantize_file(
     threads: int,
     imatrix: dict[str, Any] | None = None,
     dry_run: bool = False,
+    only_copy: bool = False,
+    prune_layers: Sequence[int] = (),
 ) -> None:
     """llama.cpp's quantizer (`edgellm.backends.llama_cpp.quantize.quantize_file`)."""
     from edgellm.backends.llama_cpp import quantize
 
-    quantize.quantize_file(source, dest, ftype, threads=threads, imatrix=imatrix, dry_run=dry_run)
+    quantize.quantize_file(
+        source,
+        dest,
+        ftype,
+        threads=threads,
+        imatrix=imatrix,
+        dry_run=dry_run,
+        only_copy=only_copy,
+        prune_layers=prune_layers,
+    )
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
