@@ -12,11 +12,15 @@ from edgellm.cli import (
     bench,
     chat_command,
     compress,
+    compress_command,
+    distill_command,
+    export_command,
     fleet_command,
     gateway_command,
     keys_command,
     models_command,
     plan,
+    prune_command,
     serve,
     tls_command,
 )
@@ -51,7 +55,11 @@ app.command()(bench.bench)
 app.command()(compress.convert)
 app.command()(compress.quantize)
 app.command(name="eval")(compress.evaluate)
+app.command()(distill_command.distill)
+app.command()(compress_command.compress)
 app.command()(plan.plan)
+app.command()(export_command.export)
+app.command()(prune_command.prune)
 app.add_typer(keys_command.app)
 app.add_typer(gateway_command.app)
 app.add_typer(fleet_command.app)
