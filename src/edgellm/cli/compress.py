@@ -23,7 +23,7 @@ from edgellm.errors import EdgeLLMError, ValidationError
 
 REGISTER_HELP = "Also add the result to the model registry as NAME[:TAG], with its lineage."
 GATE_FAILED = 3  # exit code of `edgellm eval --gate` when the model fails the gate
-_ALL_CORES = os.cpu_count() or 1  # the --threads default
+ALL_CORES = os.cpu_count() or 1  # the --threads default
 
 
 @contextlib.contextmanager
@@ -150,7 +150,7 @@ def quantize(
     chunks: int | None = typer.Option(None, min=1, help="--sweep: most windows (default: all)."),
     plot: Path | None = typer.Option(None, help="--sweep: write a PNG of the frontier."),
     json_out: bool = typer.Option(False, "--json", help="--sweep: print JSON, not a table."),
-    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+    threads: int = typer.Option(ALL_CORES, min=1, help="CPU threads."),
     register: str | None = typer.Option(None, help=REGISTER_HELP, metavar="NAME[:TAG]"),
 ) -> None:
     """Quantize a GGUF with llama.cpp's quantizer; a manifest (parent SHA-256, type,
@@ -361,7 +361,7 @@ def evaluate(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON, not a table."),
     record: bool = typer.Option(True, help="Write results and verdict into the manifest."),
-    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+    threads: int = typer.Option(ALL_CORES, min=1, help="CPU threads."),
 ) -> None:
     """Perplexity as llama.cpp computes it and, against --ref, KL divergence, top-1 agreement
     and the change of the correct token's probability. Results (and the --gate verdict) go

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgellm.cli.compress import _ALL_CORES, GATE_FAILED, progress_bars, register_output
+from edgellm.cli.compress import ALL_CORES, GATE_FAILED, progress_bars, register_output
 from edgellm.cli.console import err, user_errors
 from edgellm.errors import ValidationError
 
@@ -25,7 +25,7 @@ def compress(
     register: str | None = typer.Option(
         None, help="Register every artifact as NAME:NN-kind, with its lineage.", metavar="NAME"
     ),
-    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+    threads: int = typer.Option(ALL_CORES, min=1, help="CPU threads."),
 ) -> None:
     """Run a compression recipe: each step (prune, distill, quantize, eval) takes the artifact
     before it, is evaluated against MODEL on the recipe's held-out text and checked against its

@@ -38,7 +38,7 @@ PLAN_TYPES = [
     *("IQ4_XS", "Q4_0", "Q3_K_M", "Q2_K", "IQ2_M"),
 ]
 GIB = 2**30
-_ALL_CORES = os.cpu_count() or 1  # the --threads default
+ALL_CORES = os.cpu_count() or 1  # the --threads default
 
 
 @dataclass(slots=True)
@@ -77,7 +77,7 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="Print JSON, not a table."),
     plot: Path | None = typer.Option(None, help="Write a PNG of memory vs the device's."),
     show_catalog: bool = typer.Option(False, "--list-devices", help="List the catalog."),
-    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads for --here."),
+    threads: int = typer.Option(ALL_CORES, min=1, help="CPU threads for --here."),
 ) -> None:
     """Will MODEL run on a device, how fast, with which quantization: weight, KV cache and
     runtime memory per type, decode / aggregate / prefill tokens/s from the bandwidth and

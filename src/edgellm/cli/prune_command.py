@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgellm.cli.compress import _ALL_CORES, REGISTER_HELP, progress_bars, register_output
+from edgellm.cli.compress import ALL_CORES, REGISTER_HELP, progress_bars, register_output
 from edgellm.cli.console import err, user_errors
 from edgellm.errors import ValidationError
 
@@ -37,7 +37,7 @@ def prune(
     output: Path = typer.Option(..., "--output", "-o", help="File to write."),
     ctx: int = typer.Option(512, help="Tokens per calibration window."),
     chunks: int | None = typer.Option(64, min=1, help="Most calibration windows."),
-    threads: int = typer.Option(_ALL_CORES, min=1, help="CPU threads."),
+    threads: int = typer.Option(ALL_CORES, min=1, help="CPU threads."),
     register: str | None = typer.Option(None, help=REGISTER_HELP, metavar="NAME[:TAG]"),
     json_out: bool = typer.Option(False, "--json", help="Print JSON, not a table."),
 ) -> None:

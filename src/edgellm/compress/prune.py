@@ -30,7 +30,7 @@ from typing import Any
 
 from edgellm.backends import BlockCosines, load_hidden_scorer, quantize_file
 from edgellm.compress.manifest import new_manifest, save_manifest
-from edgellm.compress.quantize import _check_output, _free, _QuantizerLog, _scratch
+from edgellm.compress.quantize import QuantizerLog, check_output, free_space, scratch_dir
 from edgellm.errors import EdgeLLMError, ValidationError
 from edgellm.evaluate.run import read_text, split_windows
 from edgellm.modelfile import ModelInfo, inspect_gguf
@@ -206,7 +206,7 @@ def prune(
     scores = influence.scores if influence is not None else None
     chosen = named if named is not None else choose_layers(method, remove or 0, n_layer, scores)
     parent = file_record(source)
-    with _scratch(output) as scratch:
+    with scratch_dir(output) as scratch:
         partial = scratch / "output.gguf"
         _cut(source, partial, chosen, threads, progress)
         _check_cut(partial, n_layer - len(chosen))
@@ -229,7 +229,7 @@ def _check_args(
 ) -> list[int] | None:
     """Everything that can be said before any work; the blocks `layers` names."""
     n_layer, name = layer_count(info), model_name(info)
-    _check_output(source, output)
+    check_output(source, output)
     if (remove is None) == (layers is None):
         raise ValidationError("give --remove N or --layers LIST (one of them)", param="remove")
     if remove is not None:
@@ -257,7 +257,7 @@ def _cut(
             progress("prune", i, n)
 
     logger = logging.getLogger("edgellm.llama_cpp")
-    handler = _QuantizerLog(tensor_done)
+    handler = QuantizerLog(tensor_done)
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -267,7 +267,8 @@ def _cut(
     except EdgeLLMError:
         why = handler.errors[-1] if handler.errors else "no reason given"
         raise EdgeLLMError(
-            f"llama.cpp could not write the pruned model: {why} ({_free(dest)}); nothing was kept"
+            f"llama.cpp could not write the pruned model: {why} ({free_space(dest)}); "
+            "nothing was kept"
         ) from None
     finally:
         logger.removeHandler(handler)

@@ -63,7 +63,7 @@ def quantize(
 ) -> QuantizeResult:
     started = time.perf_counter()
     info = inspect_gguf(source)
-    _check_output(source, output)
+    check_output(source, output)
     if qtype.needs_imatrix and imatrix_file is None and calibrate is None:
         raise ValidationError(
             f"{qtype.name} needs an importance matrix: add --imatrix FILE or --calibrate TEXT",
@@ -71,7 +71,7 @@ def quantize(
         )
     parent = file_record(source)
     params: dict[str, Any] = {"type": qtype.name, "ftype": qtype.ftype, "threads": threads}
-    with _scratch(output) as scratch:
+    with scratch_dir(output) as scratch:
         work = source
         if is_quantized(source):
             kind = info.metadata.get("general.file_type")
@@ -108,7 +108,7 @@ def quantize(
     return QuantizeResult(output, path, time.perf_counter() - started, imatrix_path)
 
 
-def _check_output(source: Path, output: Path) -> None:
+def check_output(source: Path, output: Path) -> None:
     if output.exists() and output.is_dir():
         raise ValidationError(f"--output {output} is a directory; name a file", param="output")
     if not output.parent.is_dir():
@@ -118,7 +118,7 @@ def _check_output(source: Path, output: Path) -> None:
 
 
 @contextlib.contextmanager
-def _scratch(output: Path) -> Iterator[Path]:
+def scratch_dir(output: Path) -> Iterator[Path]:
     """A temporary directory beside the output (same file system, so the rename is atomic),
     removed with whatever is left in it."""
     path = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
@@ -133,12 +133,12 @@ def _write(step: Callable[[], None], target: Path) -> None:
         step()
     except OSError as exc:
         raise EdgeLLMError(
-            f"could not write {target.name}: {exc.strerror or exc} ({_free(target)}); "
+            f"could not write {target.name}: {exc.strerror or exc} ({free_space(target)}); "
             "nothing was kept"
         ) from exc
 
 
-def _free(path: Path) -> str:
+def free_space(path: Path) -> str:
     return f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on that disk"
 
 
@@ -169,7 +169,7 @@ def _calibrate(
     )
 
 
-class _QuantizerLog(logging.Handler):
+class QuantizerLog(logging.Handler):
     """Reads llama.cpp's quantizer log: one "[  i/  n] name ..." line per tensor (progress),
     and its error lines (for the message when it fails)."""
 
@@ -211,9 +211,9 @@ def _llama_quantize(
     progress: Progress | None,
     *,
     dry_run: bool = False,
-) -> _QuantizerLog:
+) -> QuantizerLog:
     logger = logging.getLogger("edgellm.llama_cpp")
-    handler = _QuantizerLog(progress)
+    handler = QuantizerLog(progress)
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -230,7 +230,7 @@ def _llama_quantize(
     except EdgeLLMError:
         why = handler.errors[-1] if handler.errors else "no reason given"
         raise EdgeLLMError(
-            f"llama.cpp's quantizer failed: {why} ({_free(dest)}); nothing was kept"
+            f"llama.cpp's quantizer failed: {why} ({free_space(dest)}); nothing was kept"
         ) from None
     finally:
         logger.removeHandler(handler)

@@ -353,6 +353,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["kind"] != "eval"]  # an eval step is its artifact's point again
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     mib = [r["mib"] for r in rows]
     for ax, key, label in zip(
