@@ -57,7 +57,26 @@ def test_loaders_and_their_users_import_no_backend() -> None:
         "edgellm.evaluate.run",
         "edgellm.compress.quantize",
         "edgellm.compress.sweep",
+        "edgellm.compress.prune",
+        "edgellm.compress.recipe",
     ]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('llama_cpp' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_serving_and_the_cli_import_no_torch() -> None:
+    """PyTorch is an extra for distill and export: the server, the CLI and the compression
+    modules that do not train leave it unloaded (it costs seconds and hundreds of MB)."""
+    modules = [
+        "edgellm.serving",
+        "edgellm.cli.main",
+        "edgellm.compress.prune",
+        "edgellm.compress.recipe",
+        "edgellm.compress.distill",
+        "edgellm.compress.gguf_model",
+        "edgellm.compress.onnx_export",
+    ]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
