@@ -120,7 +120,7 @@ def test_a_recipe_runs_stops_at_the_failing_gate_and_registers_the_chain(
         ("", "steps"),
         ('[[steps]]\nkind = "quantize"\ntype = "Q8_O"\n', "steps.0.type: unknown"),
         ('[[steps]]\nkind = "quantize"\ntype = "IQ2_XS"\n', "importance matrix"),
-        ('[[steps]]\nkind = "prune"\nremove = 30\n', "has 30 layers"),
+        ('[[steps]]\nkind = "prune"\nremove = 30\nmethod = "last"\n', "has 30 layers"),
         (
             '[[steps]]\nkind = "prune"\nremove = 2\nmethod = "last"\n'
             '[[steps]]\nkind = "prune"\nlayers = [28]\n',

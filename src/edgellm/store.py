@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -217,7 +218,7 @@ def open_db(
         raise StoreError(f"cannot open the database {path}: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _wal(conn)
         if mode != "wal":
             raise StoreError(f"the database {path} cannot use WAL mode (it is in {mode} mode)")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -230,6 +231,22 @@ def open_db(
         raise
     conn.isolation_level = "DEFERRED"  # the default: DML opens a transaction, `with conn` ends it
     return conn
+
+
+def _wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL mode; the journal mode it ends in. Changing the mode of a new database
+    needs its exclusive lock and SQLite's busy handler does not wait for that one: when another
+    process is switching it at the same moment this one gets SQLITE_BUSY at once, so it retries
+    for up to the busy timeout (seen: four openers of a new file on a loaded 2-core box)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def applied_migrations(conn: sqlite3.Connection) -> list[str]:
